@@ -31,8 +31,9 @@ __all__ = ["build_parser", "main", "suspect_columns", "write_suspects_csv"]
 PROG = "lightning-introspect"
 SUSPECTS_CSV = "suspects.csv"
 DATA_MAP_PNG = "data_map.png"
-_COLUMN_ORDER = ("aum", "confidence", "variability", "correct_fraction", "forgetting_events", "first_learned",
-                 "seen_epochs", "mean_loss")
+# The names match those of find_label_issues' own columns, so the scorer's values win when both exist.
+_COLUMN_ORDER = ("aum", "confidence_mean", "variability", "correct_fraction", "forgetting_events",
+                 "first_learned", "seen_epochs", "loss_mean")
 
 
 class _UsageError(Exception):
@@ -134,9 +135,9 @@ def suspect_columns(records: Mapping[str, np.ndarray], ids: np.ndarray) -> dict[
     """Per-example figures of ``ids`` for the table and CSV, computed from the records.
 
     Returns:
-        Those of ``aum`` (mean margin over epochs), ``confidence`` and ``variability`` (mean and std over
-        epochs of the probability of the given label), ``correct_fraction``, ``forgetting_events``,
-        ``first_learned``, ``seen_epochs`` and ``mean_loss`` that the records allow, each ``(K,)``.
+        Those of ``aum`` (mean margin over epochs), ``confidence_mean`` and ``variability`` (mean and std
+        over epochs of the probability of the given label), ``correct_fraction``, ``forgetting_events``,
+        ``first_learned``, ``seen_epochs`` and ``loss_mean`` that the records allow, each ``(K,)``.
 
     Example:
         >>> records = {"seen_epochs": np.array([2, 4]), "margin_sum": np.array([-3.0, 8.0]),
@@ -161,7 +162,7 @@ def suspect_columns(records: Mapping[str, np.ndarray], ids: np.ndarray) -> dict[
             out["aum"] = aum
         confidence, second = mean_of("confidence_sum"), mean_of("confidence_sq_sum")
         if confidence is not None:
-            out["confidence"] = confidence
+            out["confidence_mean"] = confidence
             if second is not None:
                 out["variability"] = np.sqrt(np.clip(second - confidence**2, 0.0, None))
         correct = mean_of("correct_epochs")
@@ -173,7 +174,7 @@ def suspect_columns(records: Mapping[str, np.ndarray], ids: np.ndarray) -> dict[
         out["seen_epochs"] = np.asarray(records["seen_epochs"])[ids]
         loss = mean_of("loss_sum")
         if loss is not None:
-            out["mean_loss"] = loss
+            out["loss_mean"] = loss
     return out
 
 
@@ -256,7 +257,7 @@ def _read_threshold_ids(path: Path) -> list[int]:
         for line in path.read_text(encoding="utf-8").splitlines():
             tokens += line.split("#", 1)[0].replace(",", " ").split()
         return [int(token) for token in tokens]
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, EOFError, OSError) as err:
         raise _UsageError(
             f"--threshold-ids file {path} must hold integer ids separated by spaces, commas or newlines "
             f"(or be a .npy of ints): {err}."
@@ -300,7 +301,7 @@ def _table(suspects: Suspects, columns: Mapping[str, np.ndarray], names: Optiona
             str(rank + 1), str(int(suspects.ids[rank])), label_text, _fmt(float(suspects.scores[rank]), 4),
             "yes" if suspects.flagged[rank] else "no",
             _fmt(float(columns.get("aum", empty)[rank]), 2),
-            _fmt(float(columns.get("confidence", empty)[rank])),
+            _fmt(float(columns.get("confidence_mean", empty)[rank])),
             _fmt(float(columns.get("variability", empty)[rank])),
             "-" if forgetting is None else str(int(forgetting[rank])),
         ])
@@ -315,7 +316,9 @@ def _table(suspects: Suspects, columns: Mapping[str, np.ndarray], names: Optiona
 def _report(args: argparse.Namespace, stdout: TextIO) -> int:
     try:
         records, meta = read_records(args.logdir)
-    except (FileNotFoundError, NotADirectoryError, RecordsError):
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise _UsageError(str(err)) from err
+    except RecordsError:
         raise
     except OSError as err:  # e.g. no permission to read: not a failure to write, so not exit status 1
         raise _UsageError(f"cannot read the records under {args.logdir}: {err}") from err
@@ -350,9 +353,14 @@ def _report(args: argparse.Namespace, stdout: TextIO) -> int:
     if names:
         shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
         classes += f" ({shown})"
-    cut = args.cut if args.cut == "auto" else (f"score < {args.cut}" if isinstance(args.cut, float)
-                                               else f"top {args.cut}")
-    threshold = f"score < {suspects.threshold:.4g}" if np.isfinite(suspects.threshold) else "none"
+    if not np.isfinite(suspects.threshold):
+        cut_text = f"{args.cut} -> flags none"
+    elif isinstance(args.cut, int):  # an int cut reports the k-th score as its threshold
+        cut_text = f"top {args.cut} -> flags scores <= {suspects.threshold:.4g}"
+    elif args.cut == "auto":
+        cut_text = f"auto -> flags scores < {suspects.threshold:.4g}"
+    else:
+        cut_text = f"flags scores < {args.cut}"
     share = f" ({num_flagged / num_seen:.1%})" if num_seen else ""
     last_epoch = meta.get("epoch")
     summary = [
@@ -361,7 +369,7 @@ def _report(args: argparse.Namespace, stdout: TextIO) -> int:
         ("examples", f"{num_seen:,} seen of {num:,} ids"),
         ("classes", classes),
         ("method", suspects.method),
-        ("cut", f"{cut} -> flags {threshold}"
+        ("cut", cut_text
          + (f", {len(threshold_ids)} threshold samples" if threshold_ids is not None else "")),
         ("flagged", f"{num_flagged:,} of {num_seen:,} seen{share}"),
     ]
@@ -402,12 +410,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stdout, stderr = sys.stdout, sys.stderr
     try:
         return _report(args, stdout)
-    except (FileNotFoundError, NotADirectoryError, RecordsError, _UsageError) as err:
+    except (RecordsError, _UsageError) as err:
         print(f"{PROG}: error: {err}", file=stderr)
         return 2
-    except OSError as err:
+    except OSError as err:  # reading errors became _UsageError above: this is a file that could not be written
+        message = err.strerror if err.filename is None and err.strerror else str(err)
         hint = "" if args.out is not None else "; pass --out DIR to write somewhere else"
-        print(f"{PROG}: error: {err}{hint}", file=stderr)
+        print(f"{PROG}: error: {message}{hint}", file=stderr)
         return 1
 
 
