@@ -1,0 +1,412 @@
+"""The Lightning callback: maps Trainer hooks onto the torch-only :class:`~lightning_introspect.core.Introspector`."""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._compat import CALLBACK_BASES, is_tensorboard_logger
+from .core.config import DEFAULT_LAYER_TYPES, IntrospectConfig
+from .core.hooks import first_tensor
+from .core.introspector import Introspector
+from .core.samples import WithIndex
+from .sinks.tensorboard import TensorBoardSink
+
+BatchKey = Union[str, int, Callable[[Any], Tensor], None]
+_TARGET_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def _find_dataset(dataset: Any, cls: type) -> Any:
+    """Looks through wrapper datasets (``.dataset`` chains, e.g. Subset, WithIndex) for an instance of cls."""
+    seen = 0
+    while dataset is not None and seen < 16:
+        if isinstance(dataset, cls):
+            return dataset
+        dataset = getattr(dataset, "__dict__", {}).get("dataset")
+        seen += 1
+    return None
+
+
+class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
+    """Live introspection of training: activations, dead units, gradient norms, per-example loss dynamics.
+
+    Add it to a ``Trainer`` and open TensorBoard. Layer statistics are computed on *sampled* steps only
+    (steps ``0 .. warmup_steps-1``, then every ``every_n_steps`` optimizer steps, or as often as
+    ``overhead_budget`` allows); on other steps no hook is attached. Per-example dynamics run on every step
+    from the logits the step already computed, when the training set is wrapped in :class:`WithIndex`.
+    After ``fit``, :meth:`mislabeled` ranks the examples most likely to be mislabeled.
+
+    Logged tags (``{statistic}/{layer}``; one multi-line chart per statistic in the Custom Scalars tab):
+
+    ================================  ==========  ======================================================
+    tag                               when        meaning
+    ================================  ==========  ======================================================
+    ``activation_mean/{layer}``       sampled     mean of the layer's output (first ``max_rows`` rows)
+    ``activation_std/{layer}``        sampled     standard deviation of the output
+    ``activation_min/{layer}``        sampled     smallest output value
+    ``activation_max/{layer}``        sampled     largest output value
+    ``activation_zero_fraction/{l}``  sampled     share of outputs with ``|x| <= zero_threshold``
+    ``activation_nonfinite/{layer}``  sampled     count of NaN/Inf outputs
+    ``activation_hist/{layer}``       sampled     histogram (bucket counts computed on the device)
+    ``dead_fraction/{layer}``         sampled     share of units that never exceeded ``dead_threshold``
+                                                  over the last ``dead_window`` sampled steps
+    ``dead_count/{layer}``            sampled     number of such units
+    ``dead_windows/{layer}``          sampled     how many windows the longest-dead unit has stayed dead
+    ``grad_norm/global``              sampled     L2 norm of all gradients (after AMP unscaling)
+    ``grad_norm/{layer}``             sampled     L2 norm of the layer's parameter gradients
+    ``grad_to_weight/{layer}``        sampled     gradient norm / weight norm
+    ``update_to_weight/{layer}``      sampled     norm of the real optimizer update / weight norm
+                                                  (also ``update_to_weight/global``)
+    ``param_grad_norm/{param}``       sampled     per-parameter gradient norm (``param_grad_norms=True``)
+    ``introspect/interval``           sampled     current sampling interval (steps)
+    ``introspect/overhead``           sampled     measured slowdown estimate (after warm-up)
+    ``samples/loss``                  epoch end   histogram of per-example mean loss this epoch
+    ``samples/margin``                epoch end   histogram of per-example margin
+    ``samples/confidence``            epoch end   histogram of given-label probability
+    ``samples/learned_fraction``      epoch end   share of examples classified correctly this epoch
+    ``samples/forgotten_fraction``    epoch end   share forgotten this epoch (correct before, now wrong)
+    ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled
+    ``samples/data_map``              epoch end   image: confidence vs. variability, coloured by correctness
+    ``samples/suspects``              epoch end   text: table of the current top suspects
+    ``alerts/nonfinite``              on event    text: NaN/Inf loss, first layer in forward order
+    ``alerts/bad_input``              on event    text: ids out of range/repeated, bad targets
+    ================================  ==========  ======================================================
+
+    Cost: hooks only on sampled steps; every device-to-host copy happens at a flush (once per sampled
+    step, one batched copy, asynchronous on CUDA) or at an epoch end; writing runs on a background thread.
+    Per-example dynamics add ~15 small kernels per step. Records go to ``<log_dir>/introspect/``.
+
+    Args:
+        every_n_steps: sample every N optimizer steps (after the warm-up).
+        warmup_steps: sample each of the first K steps.
+        overhead_budget: fraction, e.g. 0.02: adapt the interval so the measured slowdown stays under it.
+        layers: fnmatch patterns of module names to watch (``["encoder.*", "head"]``); None = all modules of
+            ``layer_types``.
+        layer_types: module types watched (default: Linear, Conv*, and activation modules).
+        max_rows: rows of each layer output used per call (the batch is cut, not sampled).
+        activations, histograms, dead_units, grad_norms, param_grad_norms, update_ratios: per-statistic switches.
+        histogram_every_n_samples: histograms on every k-th sampled step only.
+        dead_threshold: a unit fires when its value exceeds this (0: the ReLU rule). On a Linear/Conv layer
+            followed by a functional activation (``F.relu`` in ``forward``), the rule is applied to the
+            layer's pre-activation output: a unit is dead when its pre-activation never exceeded 0.
+        dead_window: a unit is dead when it did not fire in the last ``dead_window`` sampled steps.
+        zero_threshold: ``|x| <= zero_threshold`` counts as zero.
+        sample_dynamics: per-example dynamics: None = on when sample ids are found (``WithIndex``), True =
+            required (error if ids are missing), False = off.
+        ids: where sample ids are in the batch: "auto" (``WithIndex``: last tuple element / "index" key), a
+            tuple position, a dict key, or a function ``batch -> Tensor``.
+        targets: where class targets are: "auto" (tuple position 1 / "label", "target", "y", ... keys), a
+            position, key or function; a ``"targets"`` entry in the step output wins.
+        num_examples: size of the training set, when ``len(dataset)`` is unknown (iterable datasets).
+        ignore_index: target value ignored in sequence (N, T, C) logits.
+        history: also write each epoch's per-example figures to ``introspect/history/`` (disk, not RAM).
+        class_names: names of the classes, for tables and reports.
+        log_dir: where to write when the Trainer has no TensorBoardLogger (default: the Trainer's log dir).
+        forward_to_loggers: also send scalars to the Trainer's other loggers (CSV, W&B, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = 50,
+        warmup_steps: int = 5,
+        overhead_budget: Optional[float] = None,
+        layers: Optional[Sequence[str]] = None,
+        layer_types: Tuple[Type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+        max_rows: int = 64,
+        activations: bool = True,
+        histograms: bool = True,
+        histogram_every_n_samples: int = 1,
+        dead_units: bool = True,
+        dead_threshold: float = 0.0,
+        dead_window: int = 4,
+        zero_threshold: float = 0.0,
+        grad_norms: bool = True,
+        param_grad_norms: bool = False,
+        update_ratios: bool = True,
+        sample_dynamics: Optional[bool] = None,
+        ids: BatchKey = "auto",
+        targets: BatchKey = "auto",
+        num_examples: Optional[int] = None,
+        ignore_index: int = -100,
+        history: bool = False,
+        class_names: Optional[Sequence[str]] = None,
+        log_dir: Optional[Union[str, os.PathLike]] = None,
+        forward_to_loggers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = IntrospectConfig(
+            every_n_steps=every_n_steps, warmup_steps=warmup_steps, overhead_budget=overhead_budget,
+            layers=None if layers is None else list(layers), layer_types=tuple(layer_types), max_rows=max_rows,
+            activations=activations, histograms=histograms, histogram_every_n_samples=histogram_every_n_samples,
+            dead_units=dead_units, dead_threshold=dead_threshold, dead_window=dead_window,
+            zero_threshold=zero_threshold, grad_norms=grad_norms, param_grad_norms=param_grad_norms,
+            update_ratios=update_ratios, sample_dynamics=sample_dynamics, num_examples=num_examples,
+            ignore_index=ignore_index, history=history,
+        )
+        for name, key in (("ids", ids), ("targets", targets)):
+            if not (key == "auto" or key is None or isinstance(key, (str, int)) or callable(key)):
+                raise ValueError(f"`{name}` must be 'auto', a tuple position, a dict key or a function, got {key!r}.")
+        self.ids_key = ids
+        self.targets_key = targets
+        self.class_names = list(class_names) if class_names is not None else None
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.forward_to_loggers = forward_to_loggers
+        self.core: Optional[Introspector] = None
+        self.records_dir: Optional[Path] = None
+        self.threshold_ids: Any = None
+        self._dynamics = False
+        self._id_key: BatchKey = None
+        self._captured: Any = None
+        self._capture_handle: Any = None
+        self._logits_in_output: Optional[bool] = None
+        self._loaded_state: Optional[dict[str, Any]] = None
+        self._trainer: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return "Introspect"
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self.core is not None:
+            return
+        self._trainer = trainer
+        tb = next((lg for lg in trainer.loggers if is_tensorboard_logger(lg)), None)
+        if tb is not None:
+            log_dir = Path(tb.log_dir)
+        else:
+            log_dir = self.log_dir or Path(trainer.log_dir or trainer.default_root_dir)
+        self.records_dir = log_dir / "introspect"
+        sinks: list[Any] = []
+        if trainer.is_global_zero:
+            _check_writable(self.records_dir)
+            sinks.append(TensorBoardSink(tb.experiment if tb is not None else log_dir))
+        others = [lg for lg in trainer.loggers if not is_tensorboard_logger(lg)] if self.forward_to_loggers else []
+        on_scalars = None
+        if others and trainer.is_global_zero:
+            def on_scalars(scalars: dict[str, float], step: int) -> None:
+                for lg in others:
+                    lg.log_metrics(scalars, step)
+        self.core = Introspector(
+            pl_module, self.config, sinks=sinks, records_dir=self.records_dir, on_scalars=on_scalars,
+            class_names=self.class_names, is_writer=trainer.is_global_zero,
+        )
+        if self._loaded_state is not None:
+            self.core.load_state_dict(self._loaded_state)
+            self._loaded_state = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        core = self._require_core()
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None and isinstance(loader, (list, tuple)) and loader:
+            dataset = getattr(loader[0], "dataset", None)
+        wrapped = _find_dataset(dataset, WithIndex)
+        from .core.threshold import ThresholdSamples  # noqa: PLC0415 (optional feature)
+
+        ts = _find_dataset(dataset, ThresholdSamples)
+        if ts is not None:
+            self.threshold_ids = ts.threshold_ids
+        cfg = self.config
+        if cfg.sample_dynamics is False:
+            self._dynamics = False
+        elif self.ids_key != "auto" and self.ids_key is not None:
+            self._dynamics, self._id_key = True, self.ids_key
+        elif wrapped is not None:
+            self._dynamics, self._id_key = True, "auto"
+        elif cfg.sample_dynamics:
+            raise ValueError(
+                "Introspect(sample_dynamics=True) found no sample ids: wrap the training set as "
+                "`WithIndex(dataset)`, or pass `ids=` (a tuple position, dict key or function of the batch)."
+            )
+        else:
+            self._dynamics = False
+        if self._dynamics:
+            n = cfg.num_examples
+            if n is None and dataset is not None:
+                try:
+                    n = len(dataset)
+                except TypeError:
+                    n = None
+            if n is None:
+                raise ValueError(
+                    "Introspect needs the number of training examples for per-example dynamics, and the dataset "
+                    "has no len(): pass `num_examples=` (sample ids must lie in [0, num_examples))."
+                )
+            if core.store is not None and n > core.store.num_examples:
+                core.num_examples = n
+                core._load_store(core.store.state_dict())
+            core.num_examples = n
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        core = self._require_core()
+        core.begin_step(trainer.global_step)
+        if self._dynamics and self._logits_in_output is not True:
+            self._captured = None
+            self._capture_handle = pl_module.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+            output = output["logits"]
+        t = first_tensor(output)
+        self._captured = t.detach() if t is not None else output
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._require_core().observe_gradients(optimizer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        core = self._require_core()
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        try:
+            if self._dynamics:
+                self._observe_batch(core, outputs, batch, loss)
+            else:
+                core.observe_loss(loss)
+        finally:
+            core.end_step()
+            self._captured = None
+
+    def _observe_batch(self, core: Introspector, outputs: Any, batch: Any, loss: Any) -> None:
+        out = outputs if isinstance(outputs, Mapping) else {}
+        logits = out.get("logits")
+        if self._logits_in_output is None:
+            self._logits_in_output = isinstance(logits, Tensor)
+        if logits is None:
+            logits = self._captured if isinstance(self._captured, Tensor) else None
+        sample_loss = out.get("sample_loss")
+        try:
+            ids = _extract(batch, self._id_key, "ids")
+            targets = out.get("targets")
+            if targets is None and logits is not None:
+                targets = _extract(batch, self.targets_key, "targets")
+            if logits is None and sample_loss is None and core._batches_ok == 0:
+                what = type(self._captured).__name__ if self._captured is not None else "nothing (forward was not called)"
+                raise ValueError(
+                    "Introspect found no logits: training_step returned no 'logits' and the LightningModule's "
+                    f"forward returned {what}. Return {{'loss': loss, 'logits': logits}} from training_step (or a "
+                    "(N,) 'sample_loss' without logits), or pass `sample_dynamics=False`."
+                )
+        except ValueError as err:
+            if core._batches_ok == 0:
+                raise
+            core.writer.alert(f"lightning_introspect skipped a batch: {err}", RuntimeWarning)
+            core.observe_loss(loss)
+            return
+        core.observe_batch(ids, targets=targets, logits=logits, sample_loss=sample_loss, loss=loss)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.core is not None:
+            self.core.schedule.pause()
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._require_core().end_epoch(trainer.current_epoch, trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self.core is not None:
+            self.core.flush()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self.core is None:
+            return
+        core = self.core
+        core.close()
+        if trainer.is_global_zero and core._records is not None and core.task != "regression":
+            self._write_report_files()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.core is not None:
+            self.core.close()
+
+    # ------------------------------------------------------------------------------------------------ results
+    def mislabeled(self, *, method: str = "default", cut: Any = "auto") -> Any:
+        """Examples ranked most likely mislabeled first, with scores and the automatic cut.
+
+        Returns a :class:`~lightning_introspect.core.scoring.Suspects`; the same table is written to
+        ``<log_dir>/introspect/suspects.csv`` after ``fit``.
+        """
+        return self._require_core().mislabeled(method=method, cut=cut, threshold_ids=self.threshold_ids)
+
+    def _write_report_files(self) -> None:
+        core = self._require_core()
+        assert self.records_dir is not None
+        try:
+            from .datamap import save_data_map
+            from .report import write_suspects_csv
+
+            suspects = self.mislabeled()
+            write_suspects_csv(self.records_dir / "suspects.csv", suspects, class_names=self.class_names)
+            save_data_map(self.records_dir / "data_map.png", core.records(), suspects=suspects, class_names=self.class_names)
+        except (OSError, NotImplementedError) as err:
+            warnings.warn(f"lightning_introspect could not write the suspects report: {err}", RuntimeWarning)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict() if self.core is not None else (self._loaded_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.core is not None:
+            self.core.load_state_dict(state_dict)
+        else:
+            self._loaded_state = dict(state_dict)
+
+    def _require_core(self) -> Introspector:
+        if self.core is None:
+            raise RuntimeError("Introspect is used before `setup`: attach it to a Trainer and call `fit`.")
+        return self.core
+
+
+def _extract(batch: Any, key: BatchKey, what: str) -> Any:
+    if callable(key):
+        return key(batch)
+    if isinstance(batch, Mapping):
+        if key == "auto":
+            candidates = ("index",) if what == "ids" else _TARGET_KEYS
+            for k in candidates:
+                if k in batch:
+                    return batch[k]
+            raise ValueError(
+                f"the batch (a dict with keys {sorted(batch)[:8]}) has no {what}: "
+                + ("wrap the dataset in `WithIndex` or pass `ids=<key>`." if what == "ids" else "pass `targets=<key>`.")
+            )
+        if key not in batch:
+            raise ValueError(f"the batch has no key {key!r} for {what}; its keys are {sorted(batch)[:8]}.")
+        return batch[key]
+    if isinstance(batch, (tuple, list)):
+        if key == "auto":
+            key = -1 if what == "ids" else 1
+            if what == "targets" and len(batch) < 3:
+                raise ValueError(
+                    f"cannot tell the targets in a batch of {len(batch)} elements; pass `targets=<position>` or return "
+                    "'targets' from training_step."
+                )
+        if not isinstance(key, int) or not -len(batch) <= key < len(batch):
+            raise ValueError(f"the batch has {len(batch)} elements; {what} position {key!r} is not among them.")
+        return batch[key]
+    raise ValueError(
+        f"cannot find {what} in a batch of type {type(batch).__name__}: wrap the dataset in `WithIndex` or pass "
+        f"`{what}=` as a function of the batch."
+    )
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"lightning_introspect cannot write to {directory} ({err.strerror or err}). Give the Trainer a writable "
+            "`default_root_dir` (or the logger a writable `save_dir`), or pass `Introspect(log_dir=...)`."
+        ) from err

@@ -1,0 +1,166 @@
+"""Selecting layers and attaching forward hooks for sampled steps only.
+
+With no hook registered, ``nn.Module.__call__`` takes its fast path, so an unsampled step runs the user's
+model untouched. Hooks launch kernels and never read their results.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .config import ACTIVATION_TYPES, IntrospectConfig
+from .stats import LayerStats
+
+_CHANNEL_FIRST = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.GroupNorm, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Dropout2d, nn.Dropout3d,
+)
+
+
+def unit_dim_of(module: nn.Module) -> Optional[int]:
+    """The unit (channel) dimension of a module's output: 1 for convolution-like layers, -1 for linear-like
+    ones, None when it follows its input (activations, dropout: decided by the layer before it)."""
+    if isinstance(module, _CHANNEL_FIRST):
+        return 1
+    if isinstance(module, ACTIVATION_TYPES) or isinstance(module, (nn.Dropout, nn.Identity)):
+        return None
+    return -1
+
+
+def first_tensor(output: Any) -> Optional[Tensor]:
+    """The first tensor of a layer's output: itself, or depth-first in a tuple, list or dict."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for o in output:
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    if isinstance(output, dict):
+        for o in output.values():
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def select_layers(model: nn.Module, config: IntrospectConfig) -> list[tuple[str, nn.Module]]:
+    """Modules to monitor: those named by ``config.layers`` patterns (fnmatch on qualified names, e.g.
+    ``"encoder.*"``), of the types in ``config.layer_types``. Raises ValueError naming the fix when a
+    pattern matches nothing or nothing is selected."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    names = [n for n, _ in named]
+    if config.layers is not None:
+        for pattern in config.layers:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(
+                    f"`layers` pattern {pattern!r} matched no module of {type(model).__name__}; names look like "
+                    f"{names[:4]}. List them with `[n for n, _ in model.named_modules()]`."
+                )
+        named = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in config.layers)]
+    selected = [(n, m) for n, m in named if isinstance(m, config.layer_types)]
+    if not selected:
+        kinds = sorted({type(m).__name__ for _, m in named})[:8]
+        raise ValueError(
+            f"No layer of {type(model).__name__} was selected: `layers`={config.layers!r} and `layer_types` "
+            f"{[t.__name__ for t in config.layer_types][:6]}... match none of its modules (types here: {kinds}). "
+            "Widen `layers` or add the types you want to `layer_types`."
+        )
+    return selected
+
+
+class HookSet:
+    """Forward hooks over the selected layers, attached only while a sampled step runs.
+
+    Use as a context manager (``with hooks: model(x)``) or ``attach()``/``detach()``. Each call of a hooked
+    layer folds its output into that layer's :class:`LayerStats`; the first call order of each step is kept
+    (for naming the first layer that produced a non-finite value).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[str, nn.Module]],
+        stats: dict[str, LayerStats],
+        config: IntrospectConfig,
+        on_skip: Callable[[str, str], None],
+    ) -> None:
+        self.layers = list(layers)
+        self.stats = stats
+        self.config = config
+        self.on_skip = on_skip
+        self.histogram = config.histograms
+        self.order: list[str] = []
+        self._handles: list[RemovableHandle] = []
+        self._last_unit_dim = -1
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        self.order = []
+        self._last_unit_dim = -1
+        for name, module in self.layers:
+            self._handles.append(module.register_forward_hook(self._make_hook(name, module)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "HookSet":
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def _make_hook(self, name: str, module: nn.Module) -> Callable[..., None]:
+        fixed_unit_dim = unit_dim_of(module)
+        cfg = self.config
+
+        @torch.no_grad()
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            x = first_tensor(output)
+            if x is None or not (x.is_floating_point() or x.is_complex()):
+                self.on_skip(name, f"returned {type(output).__name__}, not a floating-point tensor")
+                return
+            if x.ndim == 0:
+                self.on_skip(name, "returned a 0-d tensor (no units)")
+                return
+            x = x.detach()
+            if x.ndim > 1:
+                x = x[: cfg.max_rows]
+            st = self.stats.get(name)
+            if st is None:
+                ud = fixed_unit_dim
+                if ud is None:  # an activation: its units are those of the layer before it
+                    ud = self._last_unit_dim if x.ndim > 2 else -1
+                    if x.ndim >= 4 and self._last_unit_dim == -1:
+                        ud = 1
+                st = self.stats[name] = LayerStats(
+                    name, unit_dim=ud, dead_threshold=cfg.dead_threshold, zero_threshold=cfg.zero_threshold
+                )
+            if fixed_unit_dim is not None:
+                self._last_unit_dim = fixed_unit_dim
+            if name not in self.order:
+                self.order.append(name)
+            ok = st.update(
+                x, moments=cfg.activations, dead=cfg.dead_units, histogram=self.histogram,
+                max_hist_elements=cfg.max_histogram_elements,
+            )
+            if not ok:
+                self.on_skip(name, f"changed its number of units (now {tuple(x.shape)})")
+
+        return hook
+
+    def __iter__(self) -> Iterator[tuple[str, nn.Module]]:
+        return iter(self.layers)

@@ -1,0 +1,776 @@
+"""The framework-agnostic core: a plain PyTorch loop drives it in a few calls; the Lightning callback maps
+Trainer hooks onto the same calls.
+
+Example (a plain loop):
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_introspect.core import Introspector, IntrospectConfig
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> intro = Introspector(model, IntrospectConfig(every_n_steps=2, warmup_steps=0), num_examples=16)
+    >>> x, y, ids = torch.randn(16, 4), torch.randint(0, 3, (16,)), torch.arange(16)
+    >>> for step in range(4):
+    ...     with intro.step(step):
+    ...         logits = model(x)
+    ...         loss = nn.functional.cross_entropy(logits, y)
+    ...         opt.zero_grad(); loss.backward()
+    ...         intro.observe_gradients(opt)
+    ...         opt.step()
+    ...         intro.observe_batch(ids, targets=y, logits=logits, loss=loss)
+    >>> intro.end_epoch(epoch=0, step=4)
+    >>> intro.records()["seen_epochs"].tolist()[:4]
+    [1, 1, 1, 1]
+    >>> intro.close()
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import dist
+from ._sync import allow_sync
+from .config import IntrospectConfig
+from .hooks import HookSet, select_layers
+from .samples import BAD_INPUT_NAMES, PerSampleStore, classification_figures, sequence_figures
+from .schedule import SamplingSchedule
+from .stats import HIST_BINS, GradNorms, LayerStats, histogram_edges
+from ..sinks.base import AsyncWriter
+
+F = TypeVar("F", bound=Callable[..., Any])
+_EDGES = histogram_edges()
+DIAGNOSE_STEPS = 3
+
+
+def _timed(fn: F) -> F:
+    """Adds the time spent in ``fn`` to ``self.overhead_seconds`` (the tool's own cost, reported)."""
+
+    @wraps(fn)
+    def wrapper(self: "Introspector", *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.overhead_seconds += time.perf_counter() - t0
+
+    return wrapper  # type: ignore[return-value]
+
+
+def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
+    """Custom-scalars layout: one multi-line chart per statistic, one line per layer (tags are regexes)."""
+    layout: dict[str, dict[str, list]] = {}
+    if config.activations:
+        layout["Activations (one line per layer)"] = {
+            title: ["Multiline", [rf"^activation_{key}/"]]
+            for title, key in (("mean", "mean"), ("std", "std"), ("min", "min"), ("max", "max"),
+                               ("fraction of zeros", "zero_fraction"), ("non-finite values", "nonfinite"))
+        }
+    if config.dead_units:
+        layout["Dead units (one line per layer)"] = {
+            "dead fraction": ["Multiline", [r"^dead_fraction/"]],
+            "dead count": ["Multiline", [r"^dead_count/"]],
+            "windows the longest-dead unit has stayed dead": ["Multiline", [r"^dead_windows/"]],
+        }
+    if config.grad_norms:
+        charts = {"gradient L2 norm (global and per layer)": ["Multiline", [r"^grad_norm/"]],
+                  "gradient / weight norm": ["Multiline", [r"^grad_to_weight/"]]}
+        if config.update_ratios:
+            charts["update / weight norm"] = ["Multiline", [r"^update_to_weight/"]]
+        if config.param_grad_norms:
+            charts["gradient norm per parameter"] = ["Multiline", [r"^param_grad_norm/"]]
+        layout["Gradients"] = charts
+    layout["Per-example dynamics"] = {
+        "learned, forgotten and flagged fractions": ["Multiline", [r"^samples/.*_fraction$"]],
+    }
+    layout["Introspection cost"] = {
+        "sampling interval (steps)": ["Multiline", [r"^introspect/interval$"]],
+        "estimated slowdown": ["Multiline", [r"^introspect/overhead$"]],
+    }
+    return layout
+
+
+class Introspector:
+    """Records per-layer statistics on sampled steps and per-example dynamics on every step.
+
+    Args:
+        model: the module whose layers are watched (for Lightning, the LightningModule).
+        config: what to record and how often (:class:`IntrospectConfig`).
+        sinks: where figures go (e.g. :class:`~lightning_introspect.sinks.TensorBoardSink`); only rank 0
+            should be given sinks under DDP.
+        records_dir: folder for the per-example records (``samples.npz``/``.json``), the suspects CSV and the
+            data map; None keeps them in memory only.
+        num_examples: size of the training set (sample ids must lie in ``[0, num_examples)``).
+        on_scalars: called on the training thread with ``(scalars, step)`` after they were written, e.g. to
+            forward them to another logger.
+        class_names: names of the classes, for reports.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Optional[IntrospectConfig] = None,
+        *,
+        sinks: Sequence[Any] = (),
+        records_dir: Optional[str | Path] = None,
+        num_examples: Optional[int] = None,
+        on_scalars: Optional[Callable[[dict[str, float], int], None]] = None,
+        class_names: Optional[Sequence[str]] = None,
+        is_writer: Optional[bool] = None,
+    ) -> None:
+        self.config = config = config or IntrospectConfig()
+        self.model = model
+        self.overhead_seconds = 0.0
+        watch_layers = config.activations or config.dead_units or config.histograms
+        self.layers = select_layers(model, config) if watch_layers else []
+        self.layer_stats: dict[str, LayerStats] = {}
+        self._skipped: dict[str, str] = {}
+        self.hooks = HookSet(self.layers, self.layer_stats, config, self._on_skip)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.grad = GradNorms([n for n, _ in named])
+        self._param_pos = {id(p): i for i, (_, p) in enumerate(named)}
+        self._params = [p for _, p in named]
+        self.schedule = SamplingSchedule(
+            config.every_n_steps, config.warmup_steps, config.overhead_budget, config.max_interval
+        )
+        self.sinks = list(sinks)
+        self.records_dir = Path(records_dir) if records_dir is not None else None
+        self.on_scalars = on_scalars
+        self.class_names = list(class_names) if class_names is not None else None
+        self.is_writer = dist.rank() == 0 if is_writer is None else is_writer
+        self.writer = AsyncWriter()
+        self.store: Optional[PerSampleStore] = None
+        self.num_examples = num_examples or config.num_examples
+        self.num_classes: Optional[int] = None
+        self.task: Optional[str] = None
+        self.sampled = False
+        self.step_index = 0
+        self.samples_flushed = 0
+        self.epochs_done = 0
+        self._pending: Optional[int] = None
+        self._step_handles: list[Any] = []
+        self._loss_bad: Optional[Tensor] = None
+        self._diagnose = 0
+        self._layout_written = False
+        self._batches_ok = 0
+        self._records: Optional[dict[str, np.ndarray]] = None
+        self._prev_forgets: Optional[np.ndarray] = None
+        self._pending_state: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------------------------------------ steps
+    @contextmanager
+    def step(self, step: int) -> Iterator[bool]:
+        """Context for one training step: hooks are attached inside it when the step is sampled."""
+        sampled = self.begin_step(step)
+        try:
+            yield sampled
+        finally:
+            self.end_step()
+
+    @_timed
+    def begin_step(self, step: int) -> bool:
+        """Starts a (micro-)batch of optimizer step ``step``; returns whether it is sampled."""
+        self.writer.poll()
+        if self._pending is not None and self._pending != step:
+            self._flush()
+        sampled = self.schedule.should_sample(step) or self._diagnose > 0
+        self.schedule.tick(sampled)
+        self.sampled = sampled
+        self.step_index = step
+        if sampled:
+            if self._pending != step and self._diagnose > 0:
+                self._diagnose -= 1
+            self._pending = step
+            cfg = self.config
+            self.hooks.histogram = cfg.histograms and self.samples_flushed % cfg.histogram_every_n_samples == 0
+            if self.layers:
+                self.hooks.attach()
+        return sampled
+
+    @_timed
+    def end_step(self) -> None:
+        """Ends the (micro-)batch: hooks come off; the sampled step is flushed when the next step begins."""
+        if self.hooks.attached:
+            self.hooks.detach()
+        for h in self._step_handles:
+            h.remove()
+        self._step_handles = []
+
+    @_timed
+    def observe_loss(self, loss: Any) -> None:
+        """Counts a non-finite loss on the device (read at the next flush)."""
+        if not self.config.detect_nonfinite or not isinstance(loss, Tensor):
+            return
+        bad = (~torch.isfinite(loss.detach())).any()
+        if self._loss_bad is None:
+            self._loss_bad = torch.zeros((), dtype=torch.float64, device=loss.device)
+        self._loss_bad.add_(bad)
+
+    @_timed
+    def observe_gradients(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """On sampled steps: gradient and weight norms (call after backward and AMP unscaling, before the
+        optimizer step). With ``optimizer``, only its parameters are read and the real update it makes is
+        measured (a one-shot step post-hook; a step skipped by a grad scaler is not counted)."""
+        if not (self.sampled and self.config.grad_norms):
+            return
+        opt = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> torch optimizer
+        plist = [p for g in opt.param_groups for p in g["params"]] if opt is not None else self._params
+        pos, grads, params = [], [], []
+        for p in plist:  # Python bookkeeping only; the norms below are fused launches
+            i = self._param_pos.get(id(p))
+            if i is not None and p.grad is not None:
+                pos.append(i)
+                grads.append(p.grad.detach())
+                params.append(p.detach())
+        if not pos:
+            return
+        self.grad.observe(pos, grads, params, self.config.param_grad_norms)
+        if self.config.update_ratios and opt is not None and hasattr(opt, "register_step_post_hook"):
+            with torch.no_grad():
+                before = torch._foreach_mul(params, 1.0)
+            fired = [False]
+
+            def after_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
+                if not fired[0]:
+                    fired[0] = True
+                    self.grad.observe_update(pos, before, params)
+
+            self._step_handles.append(opt.register_step_post_hook(after_step))
+
+    @_timed
+    def observe_batch(
+        self,
+        ids: Tensor,
+        *,
+        targets: Optional[Tensor] = None,
+        logits: Optional[Tensor] = None,
+        sample_loss: Optional[Tensor] = None,
+        loss: Any = None,
+    ) -> None:
+        """Per-example dynamics of one batch, every step: ``logits`` (N, C) or (N, T, C) with integer
+        ``targets`` (N,) or (N, T) (``ignore_index`` tokens skipped), or a per-example ``sample_loss`` (N,)
+        when there are no logits. Also counts a non-finite ``loss``. No host sync."""
+        if loss is not None:
+            self.observe_loss(loss)
+        try:
+            fig = self._figures(ids, targets, logits, sample_loss)
+        except ValueError as err:
+            if self._batches_ok == 0:
+                raise
+            self.writer.alert(f"lightning_introspect skipped a batch at step {self.step_index}: {err}", RuntimeWarning)
+            return
+        if fig is None:
+            return
+        ids, figures, labels, valid = fig
+        store = self._ensure_store(ids.device if self.store is None else self.store.device)
+        store.observe(ids, *figures, labels=labels, valid=valid)
+        self._batches_ok += 1
+
+    def _figures(self, ids: Any, targets: Any, logits: Any, sample_loss: Any) -> Optional[tuple]:
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.ndim != 1:
+            raise ValueError(
+                f"sample ids must be a 1-d integer tensor (one id per example), got "
+                f"{type(ids).__name__}{tuple(ids.shape) if isinstance(ids, Tensor) else ''}. Wrap the dataset in "
+                "`WithIndex` or pass `ids=` to say where the ids are in the batch."
+            )
+        n = ids.shape[0]
+        if n == 0:
+            return None
+        if logits is not None:
+            if not isinstance(logits, Tensor) or not logits.is_floating_point():
+                raise ValueError(f"logits must be a floating-point tensor, got {type(logits).__name__}.")
+            if not isinstance(targets, Tensor) or targets.is_floating_point():
+                raise ValueError(
+                    "integer class targets are needed with logits, got "
+                    f"{type(targets).__name__ if not isinstance(targets, Tensor) else targets.dtype}; "
+                    "return them as `targets` from training_step or set `targets=` to their place in the batch."
+                )
+            if logits.ndim == 2 and targets.shape == (n,) and logits.shape[0] == n and logits.shape[1] >= 2:
+                self.task = self.task or "classification"
+                loss, margin, conf, correct, valid = classification_figures(logits, targets)
+                self.num_classes = logits.shape[1]
+                return ids, (loss, margin, conf, correct), targets, valid
+            if logits.ndim == 3 and logits.shape[:2] == targets.shape and logits.shape[0] == n and logits.shape[2] >= 2:
+                self.task = self.task or "sequence"
+                loss, margin, conf, correct, valid = sequence_figures(logits, targets, self.config.ignore_index)
+                self.num_classes = logits.shape[2]
+                return ids, (loss, margin, conf, correct), None, valid
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} do not fit targets of shape {tuple(targets.shape)} and "
+                f"{n} sample ids: expected logits (N, C) with C >= 2 and targets (N,), or logits (N, T, C) and "
+                "targets (N, T). Return per-example logits from training_step as {'loss': ..., 'logits': ...}."
+            )
+        if sample_loss is not None:
+            if not isinstance(sample_loss, Tensor) or sample_loss.shape != (n,):
+                raise ValueError(
+                    f"`sample_loss` must be a (N,) tensor with one loss per example (N = {n} ids), got "
+                    f"{tuple(sample_loss.shape) if isinstance(sample_loss, Tensor) else type(sample_loss).__name__}."
+                )
+            self.task = self.task or "regression"
+            return ids, (sample_loss,), None, None
+        raise ValueError(
+            "no logits and no per-example loss for per-example dynamics: return {'loss': loss, 'logits': logits} "
+            "(or 'sample_loss': a (N,) tensor) from training_step, or turn them off with `sample_dynamics=False`."
+        )
+
+    def _ensure_store(self, device: torch.device) -> PerSampleStore:
+        if self.store is None:
+            if self.num_examples is None:
+                raise ValueError(
+                    "the number of training examples is unknown: pass `num_examples=` (sample ids must lie in "
+                    "[0, num_examples))."
+                )
+            self.store = PerSampleStore(self.num_examples, device)
+            if self._pending_state is not None:
+                self._load_store(self._pending_state)
+        return self.store
+
+    def _load_store(self, state: dict[str, Any]) -> None:
+        assert self.store is not None
+        self.store.load_state_dict(state)
+        self.store.epoch = self.store.epoch.to(self.store.device)
+        for k in PerSampleStore._AGGREGATES + ("bad",):
+            setattr(self.store, k, getattr(self.store, k).to(self.store.device))
+        if self.num_examples is not None and self.num_examples > self.store.num_examples:
+            self.writer.alert(
+                f"lightning_introspect: the training set grew from {self.store.num_examples} to {self.num_examples} "
+                "examples since the checkpoint; records of the old examples are kept, new ones start empty.",
+                RuntimeWarning,
+            )
+            self.store.grow(self.num_examples)
+        self._pending_state = None
+
+    def _on_skip(self, name: str, reason: str) -> None:
+        if name not in self._skipped:
+            self._skipped[name] = reason
+            self.writer.alert(
+                f"lightning_introspect: layer {name!r} {reason}; it is not monitored. Leave it out with `layers=`.",
+                UserWarning,
+            )
+
+    # ------------------------------------------------------------------------------------------------ flush
+    @_timed
+    def flush(self) -> None:
+        """Flushes the pending sampled step now (normally done when the next step begins)."""
+        if self._pending is not None:
+            self._flush()
+
+    def _device(self) -> torch.device:
+        for st in self.layer_stats.values():
+            if st.sums is not None:
+                return st.sums.device
+        if self._params:
+            return self._params[0].device
+        return torch.device("cpu")
+
+    def _flush(self) -> None:
+        step = self._pending
+        assert step is not None
+        self._pending = None
+        cfg = self.config
+        layers = [(n, st) for n, st in sorted(self.layer_stats.items()) if st.allocated]
+        grad = self.grad
+        with allow_sync():
+            device = self._device()
+            sum_parts: list[Tensor] = []
+            min_parts: list[Tensor] = []
+            for _, st in layers:
+                assert st.sums is not None and st.fired is not None and st.hist is not None and st.mins is not None
+                sum_parts += [st.sums, st.fired, st.hist]
+                min_parts.append(st.mins)
+            counts = torch.tensor([float(st.count) for _, st in layers] + [0.0], dtype=torch.float64).to(device)
+            loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.float64)
+            store_bad = self.store.take_bad_counts() if self.store is not None else torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64)
+            extra = torch.cat([loss_bad.reshape(1).to(device, torch.float64), store_bad.to(device)])
+            interval = torch.tensor([-float(self.schedule.proposed_interval())], dtype=torch.float32).to(device)
+            reduced = True
+            if dist.is_distributed():
+                reduced = dist.agree(dist.FLUSH, device)
+                if reduced:
+                    dist.reduce_([*sum_parts, counts, extra], "sum")
+                    dist.reduce_([*min_parts, interval], "min")
+            out: list[Tensor] = []
+            for _, st in layers:
+                st.close_dead_window()
+                assert st.streak is not None
+                w = cfg.dead_window
+                out += [st.sums, st.mins.double(), st.fired.double(), st.hist,
+                        torch.stack([(st.streak >= w).sum().double(), torch.div(st.streak, w, rounding_mode="floor").max().double()])]
+            out += [counts, extra, interval.double()]
+            grad_layers = sorted(grad.observed_layers()) if grad.observed else []
+            if grad.observed:
+                assert grad.grad_sq is not None and grad.weight_sq is not None and grad.update_sq is not None
+                out += [grad.grad_sq, grad.weight_sq, grad.update_sq]
+                if cfg.param_grad_norms:
+                    assert grad.param_grad is not None
+                    out.append(grad.param_grad)
+            packed = torch.cat([t.reshape(-1).to(device, torch.float64) for t in out]) if out else None
+            host = self._to_host(packed)
+            if self._loss_bad is not None:
+                self._loss_bad.zero_()
+        meta = {
+            "step": step,
+            "layers": [(n, st.units, st.count > 0, self._windows(st)) for n, st in layers],
+            "grad_layers": grad_layers,
+            "grad_observed": grad.observed,
+            "grad_updated": grad.updated,
+            "param_positions": sorted(grad.observed_params) if grad.observed and cfg.param_grad_norms else [],
+            "order": list(self.hooks.order),
+            "reduced": reduced,
+            "histogram": self.hooks.histogram,
+        }
+        for _, st in layers:
+            st.reset()
+            st.windows_seen += 1
+        grad.reset()
+        self.samples_flushed += 1
+        self._submit(lambda: self._write_flush(host, meta))
+
+    @staticmethod
+    def _windows(st: LayerStats) -> int:
+        return st.windows_seen + 1
+
+    def _to_host(self, packed: Optional[Tensor]) -> Callable[[], Optional[np.ndarray]]:
+        """One batched device-to-host copy. On CUDA it is asynchronous (pinned buffer + event): the writer
+        thread waits for it, the training thread never does."""
+        if packed is None:
+            return lambda: None
+        if packed.device.type == "cuda":
+            buf = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            buf.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+
+            def wait() -> np.ndarray:
+                event.synchronize()
+                return buf.numpy()
+
+            return wait
+        arr = packed.cpu().numpy()
+        return lambda: arr
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self.is_writer:
+            self.writer.submit(job)
+
+    # ------------------------------------------------------------------------------- writer thread (host)
+    def _write_flush(self, host: Callable[[], Optional[np.ndarray]], meta: dict[str, Any]) -> None:
+        data = host()
+        if data is None:
+            return
+        cfg = self.config
+        step = meta["step"]
+        scalars: dict[str, float] = {}
+        hists: list[tuple[str, dict[str, Any]]] = []
+        nonfinite_layers: list[str] = []
+        off = 0
+        for name, units, _, windows in meta["layers"]:
+            sums = data[off : off + 4]; off += 4
+            mins = data[off : off + 2]; off += 2
+            off += units  # per-unit firing counts: already folded into the streaks on the device
+            hist = data[off : off + HIST_BINS]; off += HIST_BINS
+            dead = data[off : off + 2]; off += 2
+            hists.append((name, {"sums": sums, "mins": mins, "hist": hist, "dead": dead, "units": units,
+                                 "windows": windows}))
+        n_layers = len(meta["layers"])
+        counts = data[off : off + n_layers]; off += n_layers + 1
+        extra = data[off : off + 1 + len(BAD_INPUT_NAMES)]; off += 1 + len(BAD_INPUT_NAMES)
+        interval = int(round(-data[off])); off += 1
+        for (_, info), count in zip(hists, counts):
+            info["count"] = float(count)
+        for (name, info), count in zip(hists, counts):
+            if count <= 0:
+                continue
+            s, ss, zeros, nonfinite = info["sums"]
+            if cfg.activations:
+                mean = s / count
+                std = math.sqrt(max(ss / count - mean * mean, 0.0)) if math.isfinite(mean) else float("nan")
+                scalars[f"activation_mean/{name}"] = mean
+                scalars[f"activation_std/{name}"] = std
+                scalars[f"activation_min/{name}"] = float(info["mins"][0])
+                scalars[f"activation_max/{name}"] = float(-info["mins"][1])
+                scalars[f"activation_zero_fraction/{name}"] = zeros / count
+                scalars[f"activation_nonfinite/{name}"] = nonfinite
+                if nonfinite > 0 or not math.isfinite(mean):
+                    nonfinite_layers.append(name)
+            if cfg.dead_units and info["windows"] >= cfg.dead_window and info["units"]:
+                dead_count, dead_windows = info["dead"]
+                scalars[f"dead_fraction/{name}"] = dead_count / info["units"]
+                scalars[f"dead_count/{name}"] = dead_count
+                scalars[f"dead_windows/{name}"] = dead_windows
+        if meta["grad_observed"]:
+            L = len(self.grad.layer_names)
+            g2, w2, u2 = data[off : off + L], data[off + L : off + 2 * L], data[off + 2 * L : off + 3 * L]
+            off += 3 * L
+            sel = meta["grad_layers"]
+            scalars["grad_norm/global"] = math.sqrt(float(g2[sel].sum()))
+            for i in sel:
+                name = self.grad.layer_names[i]
+                scalars[f"grad_norm/{name}"] = math.sqrt(g2[i])
+                if w2[i] > 0:
+                    scalars[f"grad_to_weight/{name}"] = math.sqrt(g2[i] / w2[i])
+                    if meta["grad_updated"] and cfg.update_ratios:
+                        scalars[f"update_to_weight/{name}"] = math.sqrt(u2[i] / w2[i])
+            if meta["grad_updated"] and cfg.update_ratios and w2[sel].sum() > 0:
+                scalars["update_to_weight/global"] = math.sqrt(float(u2[sel].sum() / w2[sel].sum()))
+            if cfg.param_grad_norms:
+                P = len(self.grad.param_names)
+                pg = data[off : off + P]; off += P
+                for i in meta["param_positions"]:
+                    scalars[f"param_grad_norm/{self.grad.param_names[i]}"] = math.sqrt(pg[i])
+        scalars["introspect/interval"] = float(self.schedule.interval)
+        overhead = self.schedule.expected_overhead()
+        if overhead is not None:
+            scalars["introspect/overhead"] = overhead
+        self._main(lambda: self._after_flush(interval))
+        self._alerts_for_flush(step, meta, extra, nonfinite_layers, scalars)
+        for sink in self.sinks:
+            if not self._layout_written and hasattr(sink, "add_layout"):
+                sink.add_layout(tensorboard_layout(cfg))
+            sink.add_scalars(scalars, step)
+            if meta["histogram"] and cfg.histograms:
+                for name, info in hists:
+                    self._write_hist(sink, f"activation_hist/{name}", info, step)
+            sink.flush()
+        self._layout_written = True
+        if self.on_scalars is not None:
+            cb = self.on_scalars
+            self._main(lambda: cb(scalars, step))
+
+    def _write_hist(self, sink: Any, tag: str, info: dict[str, Any], step: int) -> None:
+        counts = info["hist"]
+        nz = np.nonzero(counts)[0]
+        if nz.size == 0:
+            return
+        i0, i1 = int(nz[0]), int(nz[-1])
+        lo, hi = float(info["mins"][0]), float(-info["mins"][1])
+        limits = _EDGES[i0 + 1 : i1 + 2].copy()
+        limits[-1] = min(limits[-1], hi) if math.isfinite(limits[-1]) else hi
+        num = float(counts.sum())
+        scale = num / info["count"] if info["count"] > 0 else 0.0  # the histogram may see a strided subsample
+        sink.add_histogram_raw(
+            tag, step, min=lo, max=hi, num=num, sum=float(info["sums"][0]) * scale,
+            sum_squares=float(info["sums"][1]) * scale, bucket_limits=limits.tolist(),
+            bucket_counts=counts[i0 : i1 + 1].tolist(),
+        )
+
+    def _alerts_for_flush(
+        self, step: int, meta: dict[str, Any], extra: np.ndarray, nonfinite_layers: list[str], scalars: dict[str, float]
+    ) -> None:
+        loss_bad = extra[0]
+        bad = dict(zip(BAD_INPUT_NAMES, extra[1:]))
+        grad_bad = "grad_norm/global" in scalars and not math.isfinite(scalars["grad_norm/global"])
+        if loss_bad > 0 or nonfinite_layers or grad_bad:
+            order = meta["order"]
+            first = min(nonfinite_layers, key=lambda n: order.index(n) if n in order else len(order)) if nonfinite_layers else None
+            parts = []
+            if loss_bad > 0:
+                parts.append(f"the loss was NaN/Inf in {int(loss_bad)} step(s) up to step {step}")
+            if first is not None:
+                parts.append(f"the first layer in forward order with a non-finite output is {first!r}")
+            elif loss_bad > 0:
+                parts.append("no monitored layer produced a non-finite value on the sampled step; the next steps are sampled to find it")
+            if grad_bad:
+                bad_layers = [k.split("/", 1)[1] for k, v in scalars.items() if k.startswith("grad_norm/") and not math.isfinite(v) and k != "grad_norm/global"]
+                parts.append(f"non-finite gradients in {bad_layers[:5]}")
+            message = f"lightning_introspect: non-finite values at step {step}: " + "; ".join(parts) + ". Training goes on."
+            self.writer.alert(message, RuntimeWarning)
+            for sink in self.sinks:
+                sink.add_text("alerts/nonfinite", message, step)
+            if first is None:
+                self._main(self._start_diagnosis)
+        problems = {k: int(v) for k, v in bad.items() if v > 0}
+        if problems:
+            n = self.store.num_examples if self.store is not None else self.num_examples
+            message = (
+                f"lightning_introspect: bad per-example input up to step {step}: {problems} (ids must be unique within "
+                f"a batch and lie in [0, {n}); targets in [0, num_classes)). Those rows were left out; check the "
+                "sampler and `WithIndex`."
+            )
+            self.writer.alert(message, RuntimeWarning)
+            for sink in self.sinks:
+                sink.add_text("alerts/bad_input", message, step)
+
+    def _start_diagnosis(self) -> None:
+        self._diagnose = DIAGNOSE_STEPS
+
+    def _main(self, job: Callable[[], None]) -> None:
+        self.writer.on_main_thread(job)
+
+    def _after_flush(self, interval: int) -> None:
+        if self.config.overhead_budget is not None and interval >= 1:
+            self.schedule.interval = interval
+
+    # ------------------------------------------------------------------------------------------------ epochs
+    @_timed
+    def end_epoch(self, epoch: int, step: int) -> None:
+        """Folds this epoch's per-example figures into the aggregates (reduced across ranks), writes the records
+        atomically and the epoch's TensorBoard entries. Every rank must call it."""
+        self.writer.poll()
+        self.flush()
+        self.schedule.pause()
+        store = self.store
+        if store is None:
+            return
+        with allow_sync():
+            if dist.is_distributed() and dist.agree(dist.EPOCH_END, store.device):
+                dist.reduce_([store.epoch], "sum")
+                dist.reduce_([store.label], "max")
+            means = {k: v.cpu().numpy() for k, v in store.epoch_means().items()} if self.is_writer else None
+            store.fold_epoch(epoch)
+            records = store.records()
+        self._records = records
+        self.epochs_done = epoch + 1
+        meta = self._records_meta(epoch)
+        self._submit(lambda: self._write_epoch(records, means, meta, epoch, step))
+
+    def _records_meta(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": 1, "epoch": epoch, "num_examples": self.store.num_examples if self.store else self.num_examples,
+            "num_classes": self.num_classes, "class_names": self.class_names, "task": self.task or "classification",
+            "ignore_index": self.config.ignore_index,
+        }
+
+    def _write_epoch(
+        self, records: dict[str, np.ndarray], means: Optional[dict[str, np.ndarray]], meta: dict[str, Any],
+        epoch: int, step: int,
+    ) -> None:
+        from .. import records as rec_io
+
+        if self.records_dir is not None:
+            rec_io.write_records(self.records_dir, records, meta)
+            if self.config.history and means is not None:
+                rec_io.write_epoch_history(self.records_dir, epoch, means)
+        seen = records["seen_epochs"] > 0
+        n_seen = max(int(seen.sum()), 1)
+        scalars = {"samples/learned_fraction": float((records["last_correct"] == 1).sum() / n_seen)}
+        forgets = records["forgetting_events"].astype(np.int64)
+        if self._prev_forgets is not None and self._prev_forgets.shape == forgets.shape:
+            scalars["samples/forgotten_fraction"] = float((forgets > self._prev_forgets).sum() / n_seen)
+        else:
+            scalars["samples/forgotten_fraction"] = float((forgets > 0).sum() / n_seen)
+        self._prev_forgets = forgets
+        suspects = None
+        try:
+            from .scoring import find_label_issues
+
+            if meta["task"] != "regression":
+                suspects = find_label_issues(records)
+                scalars["samples/flagged_fraction"] = float(suspects.flagged.sum() / n_seen)
+        except NotImplementedError:
+            suspects = None
+        for sink in self.sinks:
+            sink.add_scalars(scalars, step)
+            if means is not None:
+                for key in ("loss", "margin", "confidence"):
+                    sink.add_histogram(f"samples/{key}", means[key][means["seen"]], step)
+            if suspects is not None:
+                sink.add_text("samples/suspects", _suspects_markdown(suspects, self.class_names, epoch), step)
+                try:
+                    from ..datamap import render_data_map
+
+                    sink.add_image("samples/data_map", render_data_map(records, suspects=suspects, class_names=self.class_names), step)
+                except (ImportError, NotImplementedError):
+                    pass
+            sink.flush()
+        if self.on_scalars is not None:
+            cb = self.on_scalars
+            self._main(lambda: cb(scalars, step))
+
+    # ------------------------------------------------------------------------------------------------ results
+    def records(self) -> dict[str, np.ndarray]:
+        """The per-example aggregates (host arrays, as of the last epoch end)."""
+        if self._records is None:
+            if self.store is None:
+                raise RuntimeError(
+                    "no per-example records yet: they exist after the first training epoch with sample ids "
+                    "(wrap the training set in `WithIndex`)."
+                )
+            with allow_sync():
+                self._records = self.store.records()
+        return self._records
+
+    def mislabeled(self, *, method: str = "default", cut: Any = "auto", threshold_ids: Any = None) -> Any:
+        """Examples ranked most suspect first (see :func:`~lightning_introspect.core.scoring.find_label_issues`)."""
+        from .scoring import find_label_issues
+
+        return find_label_issues(self.records(), method=method, cut=cut, threshold_ids=threshold_ids)
+
+    @_timed
+    def close(self) -> None:
+        """Flushes what is pending, waits for the writer and closes the sinks (idempotent)."""
+        self.end_step()
+        self.flush()
+        self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+    def drain(self) -> None:
+        """Waits until everything submitted so far is written."""
+        self.flush()
+        self.writer.drain()
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: schedule, dead-unit streaks, per-example store."""
+        return {
+            "format": 1,
+            "schedule": self.schedule.state_dict(),
+            "layers": {n: st.state_dict() for n, st in self.layer_stats.items()},
+            "store": self.store.state_dict() if self.store is not None else None,
+            "samples_flushed": self.samples_flushed,
+            "epochs_done": self.epochs_done,
+            "num_classes": self.num_classes,
+            "task": self.task,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("format") != 1:
+            raise ValueError(f"unknown lightning_introspect state format {state.get('format')!r}.")
+        self.schedule.load_state_dict(state["schedule"])
+        for name, st_state in state["layers"].items():
+            st = LayerStats(
+                name, unit_dim=st_state["unit_dim"], dead_threshold=self.config.dead_threshold,
+                zero_threshold=self.config.zero_threshold,
+            )
+            st.load_state_dict(st_state)
+            self.layer_stats[name] = st
+        self.samples_flushed = int(state["samples_flushed"])
+        self.epochs_done = int(state["epochs_done"])
+        self.num_classes = state.get("num_classes")
+        self.task = state.get("task")
+        if state.get("store") is not None:
+            self._pending_state = dict(state["store"])
+            if self.store is not None:
+                self._load_store(self._pending_state)
+            elif self.num_examples is None:
+                self.num_examples = int(state["store"]["num_examples"])
+
+
+def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoch: int, top: int = 10) -> str:
+    def name(label: int) -> str:
+        if class_names is not None and 0 <= label < len(class_names):
+            return str(class_names[label])
+        return str(label)
+
+    n_flag = int(np.sum(suspects.flagged))
+    lines = [
+        f"**Epoch {epoch}: {n_flag} of {len(suspects.ids)} examples flagged as likely mislabeled** "
+        f"(scorer `{suspects.method}`, cut at score {suspects.threshold:.3f}; lower score = more suspect).",
+        "",
+        "| rank | id | given label | score | flagged |",
+        "|---:|---:|:---|---:|:---:|",
+    ]
+    for r in range(min(top, len(suspects.ids))):
+        lines.append(
+            f"| {r + 1} | {int(suspects.ids[r])} | {name(int(suspects.labels[r]))} | {float(suspects.scores[r]):.3f} | "
+            f"{'yes' if suspects.flagged[r] else 'no'} |"
+        )
+    return "\n".join(lines)

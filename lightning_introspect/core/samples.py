@@ -1,0 +1,272 @@
+"""Per-example loss dynamics: the ``WithIndex`` wrapper, figure kernels and the on-device store.
+
+No hooks are needed: a few vectorised ops on the logits the training step already computed give each
+example's loss, margin, given-label probability and correctness; one ``index_add_`` scatters them into
+dense per-id buffers on the device. Ids out of range, repeated ids and bad targets are *counted* on the
+device (masked into a trash row, never used as an index) and reported at the next flush.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+#: Epoch-buffer columns (float32 each): how often the example was seen this epoch, then sums of its figures.
+_EP_COUNT, _EP_LOSS, _EP_MARGIN, _EP_CONF, _EP_CORRECT = range(5)
+#: Device counters reported at flushes.
+BAD_INPUT_NAMES = ("ids_out_of_range", "ids_repeated_in_batch", "targets_out_of_range", "nonfinite_outputs")
+
+
+class WithIndex(Dataset):
+    """Wraps a map-style dataset so that each item carries its index (the sample id).
+
+    A tuple/list item ``(x, y)`` becomes ``(x, y, index)``; a dict item gets ``{key: index}`` added; any other
+    item ``x`` becomes ``(x, index)``. Attributes of the wrapped dataset (``classes``, ...) stay reachable.
+
+    Example:
+        >>> ds = WithIndex([(0.5, 1), (0.7, 0)])
+        >>> ds[1]
+        (0.7, 0, 1)
+        >>> WithIndex([{"x": 3}])[0]
+        {'x': 3, 'index': 0}
+    """
+
+    def __init__(self, dataset: Any, *, key: str = "index") -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"`WithIndex` needs a map-style dataset with __getitem__ and __len__, got {type(dataset).__name__}. "
+                "For an IterableDataset, yield the sample id yourself and pass `ids=` to `Introspect`."
+            )
+        self.dataset = dataset
+        self.key = key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        if isinstance(item, dict):
+            return {**item, self.key: index}
+        if isinstance(item, (tuple, list)):
+            return (*item, index)
+        return (item, index)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "key"):  # not set yet (unpickling): avoid recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def classification_figures(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-example (loss, margin, confidence, correct, valid) from (N, C) logits and (N,) integer targets.
+
+    margin = given-label logit minus the largest other logit; confidence = softmax probability of the given
+    label; loss = cross-entropy; valid = target in range and logits finite (invalid rows hold junk).
+
+    Example:
+        >>> loss, margin, conf, correct, valid = classification_figures(
+        ...     torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+        >>> margin.tolist(), correct.tolist()
+        ([2.0, -1.0], [1.0, 0.0])
+    """
+    lf = logits.detach().float()
+    C = lf.shape[-1]
+    t = targets.detach().long()
+    valid = (t >= 0) & (t < C) & torch.isfinite(lf).all(-1)
+    tc = t.clamp(0, C - 1).unsqueeze(-1)
+    logp = torch.log_softmax(lf, -1)
+    lp_given = logp.gather(-1, tc).squeeze(-1)
+    given = lf.gather(-1, tc).squeeze(-1)
+    top = lf.topk(2, dim=-1)
+    top1_is_given = top.indices[..., 0] == tc.squeeze(-1)
+    other = torch.where(top1_is_given, top.values[..., 1], top.values[..., 0])
+    return -lp_given, given - other, lp_given.exp(), top1_is_given.float(), valid
+
+
+def sequence_figures(
+    logits: Tensor, targets: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-example figures from (N, T, C) logits and (N, T) targets: means over the tokens not ignored.
+
+    correct is the example's token accuracy; an example with no valid token is invalid.
+    """
+    N, T, C = logits.shape
+    loss, margin, conf, correct, valid = classification_figures(logits.reshape(N * T, C), targets.reshape(N * T))
+    valid = valid & (targets.reshape(N * T) != ignore_index)
+    w = valid.float().view(N, T)
+    n_tok = w.sum(1)
+    denom = n_tok.clamp_min(1.0)
+
+    def mean(v: Tensor) -> Tensor:
+        return (torch.nan_to_num(v.view(N, T)) * w).sum(1) / denom
+
+    return mean(loss), mean(margin), mean(conf), mean(correct), n_tok > 0
+
+
+class PerSampleStore:
+    """Dense per-example buffers on one device: this epoch's sums and the aggregates across epochs.
+
+    Memory: 20 bytes of epoch buffers + 29 bytes of aggregates = 49 bytes per example (see
+    :mod:`lightning_introspect.core.scoring` for the record fields). Row ``num_examples`` is a trash row
+    that absorbs writes from bad ids, so that a bad id is counted, never used as an index.
+    """
+
+    def __init__(self, num_examples: int, device: torch.device | str = "cpu") -> None:
+        if not isinstance(num_examples, int) or num_examples <= 0:
+            raise ValueError(f"`num_examples` must be a positive int, got {num_examples!r}.")
+        self.num_examples = num_examples
+        self.device = torch.device(device)
+        self.epochs_folded = 0
+        self._allocate(num_examples)
+
+    def _allocate(self, n: int) -> None:
+        d = self.device
+        self.epoch = torch.zeros(n + 1, 5, dtype=torch.float32, device=d)
+        self.label = torch.full((n + 1,), -1, dtype=torch.int32, device=d)
+        self.seen_epochs = torch.zeros(n, dtype=torch.int16, device=d)
+        self.loss_sum = torch.zeros(n, dtype=torch.float32, device=d)
+        self.margin_sum = torch.zeros(n, dtype=torch.float32, device=d)
+        self.confidence_sum = torch.zeros(n, dtype=torch.float32, device=d)
+        self.confidence_sq_sum = torch.zeros(n, dtype=torch.float32, device=d)
+        self.correct_epochs = torch.zeros(n, dtype=torch.int16, device=d)
+        self.forgetting_events = torch.zeros(n, dtype=torch.int16, device=d)
+        self.first_learned = torch.full((n,), -1, dtype=torch.int16, device=d)
+        self.last_correct = torch.full((n,), -1, dtype=torch.int8, device=d)
+        self.bad = torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=d)
+
+    _AGGREGATES = (
+        "seen_epochs", "label", "loss_sum", "margin_sum", "confidence_sum", "confidence_sq_sum",
+        "correct_epochs", "forgetting_events", "first_learned", "last_correct",
+    )
+
+    def bytes_per_example(self) -> float:
+        tensors = [self.epoch, *(getattr(self, k) for k in self._AGGREGATES)]
+        return sum(t.numel() * t.element_size() for t in tensors) / self.num_examples
+
+    @torch.no_grad()
+    def observe(
+        self,
+        ids: Tensor,
+        loss: Tensor,
+        margin: Optional[Tensor] = None,
+        confidence: Optional[Tensor] = None,
+        correct: Optional[Tensor] = None,
+        *,
+        labels: Optional[Tensor] = None,
+        valid: Optional[Tensor] = None,
+    ) -> None:
+        """Scatters one batch of per-example figures (each (B,)) into this epoch's buffers. No host sync."""
+        n = self.num_examples
+        ids = ids.detach().reshape(-1).to(self.device, torch.long, non_blocking=True)
+        in_range = (ids >= 0) & (ids < n)
+        loss = loss.detach().reshape(-1).float().to(self.device)
+        finite = torch.isfinite(loss)
+        ok = in_range & finite
+        counts = [(~in_range).sum()]
+        srt = ids.sort().values
+        counts.append((srt[1:] == srt[:-1]).sum())
+        if valid is not None:
+            valid = valid.to(self.device)
+            counts.append((in_range & ~valid).sum())
+            ok = ok & valid
+        else:
+            counts.append(torch.zeros((), dtype=torch.long, device=self.device))
+        counts.append((in_range & ~finite).sum())
+        self.bad.add_(torch.stack(counts).double())
+        zeros = torch.zeros_like(loss)
+        cols = [torch.ones_like(loss), loss]
+        for v in (margin, confidence, correct):
+            cols.append(zeros if v is None else v.detach().reshape(-1).float().to(self.device))
+        rows = torch.nan_to_num(torch.stack(cols, 1), nan=0.0, posinf=0.0, neginf=0.0)
+        idx = ids.where(ok, torch.full_like(ids, n))
+        self.epoch.index_add_(0, idx, rows)
+        if labels is not None:
+            self.label.index_copy_(0, idx, labels.detach().reshape(-1).to(self.device, torch.int32))
+
+    def take_bad_counts(self) -> Tensor:
+        """The bad-input counters since the last call (a device tensor), then zeroes them."""
+        out = self.bad.clone()
+        self.bad.zero_()
+        return out
+
+    @torch.no_grad()
+    def epoch_means(self) -> dict[str, Tensor]:
+        """This epoch's per-example means (NaN where not seen), as device tensors."""
+        ep = self.epoch[: self.num_examples]
+        cnt = ep[:, _EP_COUNT]
+        seen = cnt > 0
+        means = ep[:, 1:] / cnt.clamp_min(1.0).unsqueeze(1)
+        nan = torch.full_like(cnt, float("nan"))
+        return {
+            "seen": seen,
+            "loss": torch.where(seen, means[:, 0], nan),
+            "margin": torch.where(seen, means[:, 1], nan),
+            "confidence": torch.where(seen, means[:, 2], nan),
+            "correct": torch.where(seen, means[:, 3], nan),
+        }
+
+    @torch.no_grad()
+    def fold_epoch(self, epoch: int) -> None:
+        """Folds this epoch's means into the aggregates and clears the epoch buffers.
+
+        Under DDP call it after summing ``epoch`` across ranks (and max-reducing ``label``): duplicates that a
+        distributed sampler pads in are averaged, not double-weighted.
+        """
+        m = self.epoch_means()
+        seen = m["seen"]
+        correct_now = seen & (m["correct"] >= 0.5)
+        zero = torch.zeros((), device=self.device)
+        self.seen_epochs += seen.to(torch.int16)
+        self.loss_sum += torch.where(seen, m["loss"], zero)
+        self.margin_sum += torch.where(seen, m["margin"], zero)
+        conf = torch.where(seen, m["confidence"], zero)
+        self.confidence_sum += conf
+        self.confidence_sq_sum += conf * conf
+        self.correct_epochs += correct_now.to(torch.int16)
+        self.forgetting_events += (seen & (self.last_correct == 1) & ~correct_now).to(torch.int16)
+        learned_now = correct_now & (self.first_learned < 0)
+        self.first_learned = torch.where(learned_now, torch.full_like(self.first_learned, epoch), self.first_learned)
+        self.last_correct = torch.where(seen, correct_now.to(torch.int8), self.last_correct)
+        self.epoch.zero_()
+        self.epochs_folded += 1
+
+    def records(self) -> dict[str, np.ndarray]:
+        """Host copy of the aggregates, keyed as the record fields (a device-to-host copy: epoch ends only)."""
+        out = {}
+        for k in self._AGGREGATES:
+            t = getattr(self, k)
+            out[k] = (t[: self.num_examples] if k == "label" else t).cpu().numpy()
+        return out
+
+    def grow(self, num_examples: int) -> None:
+        """Enlarges the store (the dataset grew), keeping every record."""
+        if num_examples <= self.num_examples:
+            return
+        old = {k: getattr(self, k) for k in (*self._AGGREGATES, "epoch", "bad")}
+        old_n = self.num_examples
+        self.num_examples = num_examples
+        self._allocate(num_examples)
+        for k, t in old.items():
+            if k == "bad":
+                self.bad.copy_(t)
+            elif k in ("epoch", "label"):
+                getattr(self, k)[:old_n] = t[:old_n]
+            else:
+                getattr(self, k)[:old_n] = t
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {k: getattr(self, k).detach().cpu() for k in (*self._AGGREGATES, "epoch", "bad")}
+        state["num_examples"] = self.num_examples
+        state["epochs_folded"] = self.epochs_folded
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = int(state["num_examples"])
+        self.num_examples = n
+        self._allocate(n)
+        for k in (*self._AGGREGATES, "epoch", "bad"):
+            getattr(self, k).copy_(state[k])
+        self.epochs_folded = int(state.get("epochs_folded", 0))

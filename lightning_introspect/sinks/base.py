@@ -1,0 +1,116 @@
+"""The Sink protocol and the background thread that feeds sinks, off the training step."""
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from collections import deque
+from typing import Any, Callable, Deque, Mapping, Optional, Protocol, Sequence
+
+import numpy as np
+
+
+class Sink(Protocol):
+    """Receives host values (never tensors). Called from the writer thread only."""
+
+    def add_scalars(self, values: Mapping[str, float], step: int) -> None: ...
+
+    def add_histogram_raw(
+        self, tag: str, step: int, *, min: float, max: float, num: float, sum: float, sum_squares: float,
+        bucket_limits: Sequence[float], bucket_counts: Sequence[float],
+    ) -> None: ...
+
+    def add_histogram(self, tag: str, values: np.ndarray, step: int) -> None: ...
+
+    def add_image(self, tag: str, image_hwc: np.ndarray, step: int) -> None: ...
+
+    def add_text(self, tag: str, text: str, step: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class AsyncWriter:
+    """Runs writing jobs on one daemon thread, in order, so the training thread never waits for I/O.
+
+    A failing job (a full disk, an unwritable directory) never reaches training: its error becomes a
+    warning, raised once per kind of failure on the training thread at the next :meth:`poll`. When the
+    queue is full the newest job is dropped and counted rather than blocking the step.
+    """
+
+    def __init__(self, max_pending: int = 256, name: str = "lightning-introspect-writer") -> None:
+        self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue(maxsize=max_pending)
+        self._alerts: Deque[tuple[str, type]] = deque()
+        self._main_thread_jobs: Deque[Callable[[], None]] = deque()
+        self._warned: set[str] = set()
+        self.dropped = 0
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1:
+                self.alert(
+                    "lightning_introspect: the writer fell behind and dropped a batch of figures; sample less "
+                    "often (`every_n_steps`) or log fewer statistics.", RuntimeWarning,
+                )
+
+    def alert(self, message: str, category: type = UserWarning) -> None:
+        """Queues a warning for the training thread (thread-safe)."""
+        self._alerts.append((message, category))
+
+    def on_main_thread(self, job: Callable[[], None]) -> None:
+        """Queues a job (e.g. forwarding scalars to a Lightning logger) for the next poll on the training thread."""
+        self._main_thread_jobs.append(job)
+
+    def poll(self) -> None:
+        """On the training thread: emit pending warnings and run main-thread jobs. Cheap when there are none."""
+        while self._alerts:
+            message, category = self._alerts.popleft()
+            key = message[:80]
+            if key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(message, category, stacklevel=2)
+        while self._main_thread_jobs:
+            job = self._main_thread_jobs.popleft()
+            try:
+                job()
+            except Exception as err:  # a broken logger must not break training
+                self.alert(f"lightning_introspect: forwarding figures to a logger failed: {err!r}", RuntimeWarning)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Blocks until every submitted job ran (flush points: epoch end, teardown, checkpoint)."""
+        done = threading.Event()
+        try:
+            self._queue.put(done.set, timeout=timeout)
+        except queue.Full:
+            return
+        done.wait(timeout)
+        self.poll()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.drain()
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+        self.poll()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception as err:
+                self.failures += 1
+                self.alert(
+                    f"lightning_introspect could not write figures ({type(err).__name__}: {err}); training goes on "
+                    "and figures already written are kept. Check free space and permissions of the log dir.",
+                    RuntimeWarning,
+                )
