@@ -1,0 +1,395 @@
+"""Tests for the mislabel scorers, the cuts and the AUM threshold samples."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lightning_introspect.core.scoring import (
+    FIELDS,
+    METHODS,
+    find_label_issues,
+    fold_epoch,
+    init_records,
+    label_quality_scores,
+    otsu_threshold,
+)
+from lightning_introspect.core.threshold import ThresholdSamples
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+
+def _records_from_history(
+    labels: np.ndarray, loss: np.ndarray, margin: np.ndarray, confidence: np.ndarray, correct: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Fold (N, E) per-epoch means (NaN = not seen that epoch) into records."""
+    records = init_records(len(labels))
+    for epoch in range(loss.shape[1]):
+        ids = np.flatnonzero(~np.isnan(loss[:, epoch]))
+        fold_epoch(records, epoch, ids, labels[ids], loss=loss[ids, epoch], margin=margin[ids, epoch],
+                   confidence=confidence[ids, epoch], correct=correct[ids, epoch])
+    return records
+
+
+def _tiny_records() -> dict[str, np.ndarray]:
+    """Three examples over three epochs; the last one is never seen."""
+    nan = np.nan
+    return _records_from_history(
+        labels=np.array([0, 1, 2, 0]),
+        loss=np.array([[0.5, 0.2, 0.1], [2.0, 1.0, 3.0], [1.0, nan, 1.0], [nan, nan, nan]]),
+        margin=np.array([[1.0, 2.0, 3.0], [-2.0, 0.5, -1.5], [-1.0, nan, 0.0], [nan, nan, nan]]),
+        confidence=np.array([[0.6, 0.8, 0.9], [0.1, 0.4, 0.05], [0.3, nan, 0.5], [nan, nan, nan]]),
+        correct=np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, nan, 0.5], [nan, nan, nan]]),
+    )
+
+
+# ------------------------------------------------------------------------------------------- reference
+def test_fold_epoch_matches_hand_computed_records() -> None:
+    """Test that folding per-epoch means gives the contract's sums, counts and transitions."""
+    r = _tiny_records()
+    np.testing.assert_array_equal(r["seen_epochs"], [3, 3, 2, 0])
+    np.testing.assert_array_equal(r["label"], [0, 1, 2, -1])
+    np.testing.assert_allclose(r["loss_sum"], [0.8, 6.0, 2.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(r["margin_sum"], [6.0, -3.0, -1.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(r["confidence_sum"], [2.3, 0.55, 0.8, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(r["confidence_sq_sum"], [1.81, 0.1725, 0.34, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(r["correct_epochs"], [3, 1, 1, 0])  # 0.5 counts as correct
+    np.testing.assert_array_equal(r["forgetting_events"], [0, 1, 0, 0])
+    np.testing.assert_array_equal(r["first_learned"], [0, 1, 2, -1])
+    np.testing.assert_array_equal(r["last_correct"], [1, 0, 1, -1])
+    for name, dtype in FIELDS.items():
+        assert r[name].dtype == dtype
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("aum", [_sigmoid(2.0), _sigmoid(-1.0), _sigmoid(-0.5)]),
+        ("default", [_sigmoid(2.0), _sigmoid(-1.0), _sigmoid(-0.5)]),
+        ("loss", [math.exp(-0.8 / 3), math.exp(-2.0), math.exp(-1.0)]),
+        ("confidence", [2.3 / 3, 0.55 / 3, 0.4]),
+        ("correctness", [1.0, 1 / 3, 0.5]),
+        # 2**-events * (1 - first_learned / seen / 2); never learned would be 0.
+        ("forgetting", [1.0, 0.5 * (1 - 1 / 6), 1 - 2 / 2 / 2]),
+    ],
+)
+def test_scores_equal_hand_computed_reference(method: str, expected: list[float]) -> None:
+    """Test that each scorer maps the tiny records to the documented formula, NaN where never seen."""
+    scores = label_quality_scores(_tiny_records(), method=method)
+    np.testing.assert_allclose(scores[:3], expected, rtol=1e-6)
+    assert np.isnan(scores[3])
+
+
+def test_forgetting_ranks_never_learned_lowest() -> None:
+    """Test that a never-learned example scores 0, below one forgotten many times."""
+    r = init_records(2)
+    for epoch, correct in enumerate([[1, 0], [0, 0], [1, 0], [0, 0]]):
+        fold_epoch(r, epoch, np.arange(2), np.zeros(2, int), loss=np.ones(2), margin=np.zeros(2),
+                   confidence=np.full(2, 0.5), correct=np.array(correct, float))
+    scores = label_quality_scores(r, method="forgetting")
+    assert scores[1] == 0.0
+    assert scores[0] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_scores_lie_in_unit_interval_and_nonfinite_sums_score_zero(method: str) -> None:
+    """Test that scores stay in [0, 1] for extreme sums and a NaN/inf sum scores 0 instead of NaN."""
+    r = init_records(4)
+    r["seen_epochs"][:] = 1
+    r["label"][:] = 0
+    r["loss_sum"][:] = [0.0, 1e30, np.nan, np.inf]
+    r["margin_sum"][:] = [1e30, -1e30, np.nan, -np.inf]
+    r["confidence_sum"][:] = [1.0, 0.0, np.nan, np.nan]
+    r["correct_epochs"][:] = [1, 0, 0, 0]
+    r["first_learned"][:] = [0, -1, -1, -1]
+    scores = label_quality_scores(r, method=method)
+    assert np.all((scores >= 0) & (scores <= 1))
+    if method != "correctness":
+        assert scores[2] == 0.0
+
+
+# ----------------------------------------------------------------------------------- realistic ranking
+def _train_blobs(
+    num: int = 300, classes: int = 3, flip_fraction: float = 0.1, epochs: int = 12, threshold: bool = False
+) -> tuple[dict[str, np.ndarray], np.ndarray, Optional[np.ndarray]]:
+    """Train a linear model on seeded Gaussian blobs with flipped labels; return records, flipped ids."""
+    gen = torch.Generator().manual_seed(0)
+    y_true = torch.arange(num) % classes
+    centers = 3.0 * torch.randn(classes, 2, generator=gen)
+    x = centers[y_true] + torch.randn(num, 2, generator=gen)
+    y = y_true.clone()
+    flipped = torch.randperm(num, generator=gen)[: int(flip_fraction * num)]
+    y[flipped] = (y[flipped] + 1 + torch.randint(0, classes - 1, (len(flipped),), generator=gen)) % classes
+    data = [(x[i], y[i]) for i in range(num)]
+    threshold_ids = None
+    outputs = classes
+    if threshold:
+        wrapped = ThresholdSamples(data, num_classes=classes, seed=0)
+        data = [wrapped[i] for i in range(num)]
+        threshold_ids = wrapped.threshold_ids
+        outputs = wrapped.num_classes
+    xs = torch.stack([d[0] for d in data])
+    ys = torch.stack([d[1] for d in data])
+    model = torch.nn.Linear(2, outputs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    records = init_records(num)
+    for epoch in range(epochs):
+        perm = torch.randperm(num, generator=gen)
+        for start in range(0, num, 50):
+            ids = perm[start : start + 50]
+            logits = model(xs[ids])
+            loss = F.cross_entropy(logits, ys[ids], reduction="none")
+            with torch.no_grad():
+                given = logits.gather(1, ys[ids, None]).squeeze(1)
+                other = logits.scatter(1, ys[ids, None], float("-inf")).max(1).values
+                fold_epoch(records, epoch, ids.numpy(), ys[ids].numpy(), loss=loss.detach().numpy(),
+                           margin=(given - other).numpy(),
+                           confidence=logits.softmax(1).gather(1, ys[ids, None]).squeeze(1).numpy(),
+                           correct=(logits.argmax(1) == ys[ids]).float().numpy())
+            opt.zero_grad()
+            loss.mean().backward()
+            opt.step()
+    return records, np.sort(flipped.numpy()), threshold_ids
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_flipped_labels_lead_the_ranking(method: str) -> None:
+    """Test that seeded flipped labels make up most of the top of a real training's ranking."""
+    records, flipped, _ = _train_blobs()
+    suspects = find_label_issues(records, method=method)
+    top = suspects.ids[: len(flipped)]
+    assert np.isin(top, flipped).mean() >= (0.9 if method != "forgetting" else 0.75)
+
+
+def test_default_auto_cut_flags_the_flipped_labels() -> None:
+    """Test that the automatic cut (AUM < 0) recovers the flipped labels with F1 >= 0.8."""
+    records, flipped, _ = _train_blobs()
+    suspects = find_label_issues(records)
+    flagged = suspects.flagged_ids
+    precision = np.isin(flagged, flipped).mean()
+    recall = np.isin(flipped, flagged).mean()
+    assert 2 * precision * recall / (precision + recall) >= 0.8
+    assert suspects.threshold == 0.5
+
+
+def test_suspects_carry_export_columns() -> None:
+    """Test that the export columns line up with the ranked ids."""
+    r = _tiny_records()
+    s = find_label_issues(r)
+    np.testing.assert_array_equal(s.ids, [1, 2, 0])  # the never-seen id 3 is left out
+    np.testing.assert_array_equal(s.labels, [1, 2, 0])
+    np.testing.assert_allclose(s.columns["aum"], [-1.0, -0.5, 2.0])
+    np.testing.assert_allclose(s.columns["loss_mean"], [2.0, 1.0, 0.8 / 3], rtol=1e-6)
+    np.testing.assert_allclose(s.columns["correct_fraction"], [1 / 3, 0.5, 1.0])
+    np.testing.assert_array_equal(s.columns["forgetting_events"], [1, 0, 0])
+    np.testing.assert_array_equal(s.columns["first_learned"], [1, 2, 0])
+    var0 = np.std([0.6, 0.8, 0.9])
+    np.testing.assert_allclose(s.columns["variability"][2], var0, rtol=1e-4)
+    np.testing.assert_allclose(s.columns["confidence_mean"], [0.55 / 3, 0.4, 2.3 / 3], rtol=1e-6)
+    for name in ("aum", "confidence_mean", "variability", "correct_fraction", "forgetting_events",
+                 "first_learned", "loss_mean"):
+        assert s.columns[name].shape == s.ids.shape
+
+
+# ------------------------------------------------------------------------------------------------ cuts
+def _flat_records(scores_margin: list[float]) -> dict[str, np.ndarray]:
+    r = init_records(len(scores_margin))
+    r["seen_epochs"][:] = 1
+    r["label"][:] = 0
+    r["margin_sum"][:] = scores_margin
+    return r
+
+
+def test_ties_keep_id_order() -> None:
+    """Test that equal scores rank in ascending id order (stable ties)."""
+    s = find_label_issues(_flat_records([1.0, -1.0, 1.0, -1.0, 0.0]))
+    np.testing.assert_array_equal(s.ids, [1, 3, 4, 0, 2])
+
+
+@pytest.mark.parametrize(("cut", "expected_flagged"), [(0, 0), (2, 2), (10, 5), (0.3, 2), (0.6, 3), ("auto", 2)])
+def test_cut_variants(cut: object, expected_flagged: int) -> None:
+    """Test that int cuts flag the top k (clipped to K), float cuts flag scores below, auto flags AUM < 0."""
+    s = find_label_issues(_flat_records([1.0, -1.0, 2.0, -3.0, 0.0]), cut=cut)  # type: ignore[arg-type]
+    assert s.flagged.sum() == expected_flagged
+    assert not np.any(s.flagged[1:] & ~s.flagged[:-1])  # a prefix of the ranking
+
+
+def test_int_cut_reports_kth_score_and_nan_for_zero() -> None:
+    """Test that an int cut's threshold is the k-th score, NaN when k = 0."""
+    r = _flat_records([1.0, -1.0, 2.0])
+    assert find_label_issues(r, cut=1).threshold == pytest.approx(_sigmoid(-1.0))
+    assert math.isnan(find_label_issues(r, cut=0).threshold)
+
+
+def test_auto_cut_uses_otsu_for_loss() -> None:
+    """Test that the loss scorer's automatic cut splits two loss clusters with Otsu's threshold."""
+    r = init_records(6)
+    r["seen_epochs"][:] = 1
+    r["label"][:] = 0
+    r["loss_sum"][:] = [3.0, 0.05, 2.5, 0.1, 0.02, 0.08]
+    s = find_label_issues(r, method="loss")
+    np.testing.assert_array_equal(s.flagged_ids, [0, 2])
+    assert s.threshold == pytest.approx(otsu_threshold(s.scores))
+
+
+def test_otsu_of_constant_scores_flags_nothing() -> None:
+    """Test that Otsu's threshold on equal scores flags nothing."""
+    assert otsu_threshold(np.full(4, 0.3)) == -math.inf
+
+
+def test_auto_cut_flags_nothing_on_clean_confident_records() -> None:
+    """Test that the default's natural zero flags nothing when every example is learned."""
+    assert not find_label_issues(_flat_records([0.5, 1.0, 3.0])).flagged.any()
+
+
+# ---------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.pop("margin_sum"), "lacks the fields"),
+        (lambda r: r.__setitem__("loss_sum", np.zeros(2, np.float32)), "same length"),
+        (lambda r: r.__setitem__("seen_epochs", np.ones(3, np.float32)), "integer dtype"),
+        (lambda r: r.__setitem__("margin_sum", np.ones(3, np.int32)), "floating dtype"),
+        (lambda r: r.__setitem__("label", [0, 1, 2]), "numpy array"),
+        (lambda r: r.__setitem__("label", np.zeros((3, 1), np.int32)), "1-D"),
+    ],
+)
+def test_invalid_records_raise(mutate: object, message: str) -> None:
+    """Test that missing fields, length mismatches, wrong dtypes and shapes raise a ValueError saying so."""
+    r = init_records(3)
+    mutate(r)  # type: ignore[operator]
+    with pytest.raises(ValueError, match=message):
+        label_quality_scores(r)
+    with pytest.raises(ValueError, match=message):
+        find_label_issues(r)
+
+
+def test_records_must_be_a_mapping() -> None:
+    """Test that passing something other than a mapping raises a ValueError."""
+    with pytest.raises(ValueError, match="mapping"):
+        label_quality_scores([np.zeros(3)])  # type: ignore[arg-type]
+
+
+def test_unknown_method_raises() -> None:
+    """Test that an unknown method names the valid ones."""
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        label_quality_scores(init_records(2), method="entropy")
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        find_label_issues(init_records(2), method="entropy")
+
+
+@pytest.mark.parametrize(
+    ("cut", "message"),
+    [("otsu", "'auto'"), (True, "bool"), (-1, ">= 0"), (0.0, r"\(0, 1\)"), (1.5, r"\(0, 1\)"), (None, "NoneType")],
+)
+def test_invalid_cut_raises(cut: object, message: str) -> None:
+    """Test that bad cuts raise a ValueError naming the accepted forms."""
+    with pytest.raises(ValueError, match=message):
+        find_label_issues(_flat_records([0.0, 1.0]), cut=cut)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("ids", "cut", "message"),
+    [
+        ([0], 3, "either `cut` or `threshold_ids`"),
+        ([5], "auto", r"lie in \[0, 3\)"),
+        ([0, 0], "auto", "distinct"),
+        ([0.5], "auto", "int ids"),
+        ([], "auto", "non-empty"),
+        ([2], "auto", "never seen"),
+    ],
+)
+def test_invalid_threshold_ids_raise(ids: list, cut: object, message: str) -> None:
+    """Test that threshold ids out of range, repeated, non-int, empty or unseen raise a ValueError."""
+    r = _flat_records([0.0, 1.0, 2.0])
+    r["seen_epochs"][2] = 0
+    with pytest.raises(ValueError, match=message):
+        find_label_issues(r, cut=cut, threshold_ids=ids)  # type: ignore[arg-type]
+
+
+def test_fold_epoch_rejects_bad_ids() -> None:
+    """Test that repeated or out-of-range ids and shape mismatches raise in the reference fold."""
+    r = init_records(3)
+    kw = dict(loss=np.ones(2), margin=np.ones(2), confidence=np.ones(2), correct=np.ones(2))
+    with pytest.raises(ValueError, match="distinct"):
+        fold_epoch(r, 0, np.array([1, 1]), np.zeros(2, int), **kw)
+    with pytest.raises(ValueError, match="lie in"):
+        fold_epoch(r, 0, np.array([1, 3]), np.zeros(2, int), **kw)
+    with pytest.raises(ValueError, match="shape of `ids`"):
+        fold_epoch(r, 0, np.array([0]), np.zeros(1, int), **kw)
+    with pytest.raises(ValueError, match="non-negative int"):
+        init_records(-1)
+
+
+# ----------------------------------------------------------------------------------- threshold samples
+def test_threshold_samples_relabel_a_seeded_share() -> None:
+    """Test that round(N / (C + 1)) seeded examples get the fake class C and the rest pass through."""
+    data = [(torch.tensor([float(i)]), torch.tensor(i % 4)) for i in range(100)]
+    ds = ThresholdSamples(data, num_classes=4, seed=3)
+    assert ds.num_classes == 5 and ds.fake_class == 4 and len(ds) == 100
+    assert len(ds.threshold_ids) == 20 and ds.threshold_ids.dtype == np.int64
+    np.testing.assert_array_equal(ds.threshold_ids, ThresholdSamples(data, num_classes=4, seed=3).threshold_ids)
+    assert not np.array_equal(ds.threshold_ids, ThresholdSamples(data, num_classes=4, seed=4).threshold_ids)
+    for i in range(100):
+        x, y = ds[i]
+        assert torch.equal(x, data[i][0])
+        assert y.dtype == data[i][1].dtype
+        assert int(y) == (4 if i in set(ds.threshold_ids.tolist()) else i % 4)
+
+
+def test_threshold_samples_compose_with_with_index() -> None:
+    """Test that WithIndex(ThresholdSamples(raw)) appends ids that match threshold_ids, for tuples and dicts."""
+    from lightning_introspect.core.samples import WithIndex
+
+    tuples = WithIndex(ThresholdSamples([(float(i), 0, "extra") for i in range(12)], num_classes=2))
+    fake = {i for i in range(12) if tuples[i][1] == 2}
+    assert fake == set(tuples.threshold_ids.tolist()) and len(fake) == 4
+    assert tuples[5][2:] == ("extra", 5)
+    assert tuples.num_classes == 3
+    dicts = WithIndex(ThresholdSamples([{"x": i, "label": 1} for i in range(12)], num_classes=2, seed=1))
+    for i in dicts.threshold_ids:
+        assert dicts[int(i)] == {"x": int(i), "label": 2, "index": int(i)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"dataset": 5, "num_classes": 3}, "map-style"), ({"dataset": [(0, 0)] * 10, "num_classes": 1}, ">= 2"),
+     ({"dataset": [(0, 0)], "num_classes": 3}, "too small")],
+)
+def test_threshold_samples_validate(kwargs: dict, message: str) -> None:
+    """Test that bad datasets and class counts raise a ValueError."""
+    with pytest.raises(ValueError, match=message):
+        ThresholdSamples(**kwargs)
+
+
+def test_threshold_cut_is_99th_percentile_and_excludes_threshold_ids() -> None:
+    """Test that threshold samples set the cut at their 99th-percentile score and are not ranked."""
+    margins = [-3.0, -2.0, -1.0, 0.5, 1.0, 2.0, -0.5, -0.2]
+    r = _flat_records(margins)
+    s = find_label_issues(r, method="aum", threshold_ids=[6, 7])
+    expected = np.percentile([_sigmoid(-0.5), _sigmoid(-0.2)], 99)
+    assert s.threshold == pytest.approx(expected)
+    assert not np.isin([6, 7], s.ids).any()
+    np.testing.assert_array_equal(s.flagged_ids, [0, 1, 2])
+
+
+def test_threshold_samples_flag_flipped_labels_in_training() -> None:
+    """Test that training with threshold samples yields a cut that recovers most flipped labels."""
+    records, flipped, threshold_ids = _train_blobs(num=400, flip_fraction=0.1, threshold=True, epochs=15)
+    s = find_label_issues(records, threshold_ids=threshold_ids)
+    flipped = np.setdiff1d(flipped, threshold_ids)  # relabelled to the fake class: not a flip any more
+    recall = np.isin(flipped, s.flagged_ids).mean()
+    precision = np.isin(s.flagged_ids, flipped).mean()
+    assert recall >= 0.9 and precision >= 0.9
