@@ -32,9 +32,17 @@ __all__ = ["data_map_coordinates", "render_data_map", "save_data_map"]
 _FLAG_COLOR = "#e4002b"
 _MAX_FLAGGED_DRAWN = 3000
 _REGION_STYLE: dict[str, Any] = dict(
-    fontsize=12, color="0.35", style="italic", ha="center", va="center", zorder=1,
-    bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="none", alpha=0.55),
+    fontsize=11.5, color="0.3", style="italic", va="center", zorder=4,
+    bbox=dict(boxstyle="round,pad=0.25", facecolor="white", edgecolor="none", alpha=0.75),
 )
+# Candidate places of each region's label, as (fraction of the x range, confidence, alignment); the one
+# covering the fewest drawn points is used, so a label hides as little data as possible.
+_REGION_PLACES: dict[str, tuple[tuple[float, float, str], ...]] = {
+    "easy-to-learn": ((0.02, 0.97, "left"), (0.02, 0.90, "left"), (0.30, 0.97, "left")),
+    "hard-to-learn": ((0.02, 0.03, "left"), (0.02, 0.10, "left"), (0.30, 0.03, "left")),
+    "ambiguous": ((0.80, 0.50, "center"), (0.80, 0.42, "center"), (0.80, 0.58, "center"), (0.65, 0.5, "center")),
+}
+_LABEL_BOX = (0.17, 0.045)  # rough size of a region label: fraction of the x range, confidence units
 
 
 def data_map_coordinates(records: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -130,11 +138,33 @@ def _build_figure(
             flag_sampled = True
             flag_draw = rng.choice(flag_draw, size=max_flagged, replace=False)
 
+    notes: list[str] = []
+    if sampled:
+        notes.append(f"Drawn: a random sample (seed {seed}) of {ids.size:,} of {num_drawable:,} examples"
+                     + (f"; circled: a sample of {flag_draw.size:,} of the {flagged_ids.size:,} flagged."
+                        if flag_sampled else "; every flagged example is circled." if flagged_ids is not None
+                        else "."))
+    left_out = []
+    if num - num_seen:
+        left_out.append(f"{num - num_seen:,} of {num:,} ids never seen")
+    if num_seen - num_drawable:
+        left_out.append(f"{num_seen - num_drawable:,} with non-finite values")
+    if left_out:
+        notes.append("Not drawn: " + "; ".join(left_out) + ".")
+    if flagged_ids is not None and flagged_ids.size:
+        top = np.asarray(suspects.ids)[np.asarray(suspects.flagged, bool)][:5]  # type: ignore[union-attr]
+        labels = np.asarray(records["label"]) if "label" in records else None
+        notes.append("Most suspect: " + ", ".join(_describe(int(i), labels, class_names) for i in top)
+                     + (", ..." if flagged_ids.size > top.size else "."))
+
     width, height = size_px
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.085, 0.145, 0.755, 0.74))
-    cax = fig.add_axes((0.86, 0.145, 0.022, 0.74))
+    line = 14.5 / height  # one caption line (9.5 pt) as a fraction of the figure height
+    bottom = 0.02 + len(notes) * line + 62.0 / height  # caption, then tick labels and the x label
+    top_edge = 1.0 - 98.0 / height  # two title lines and the legend row above the plot
+    ax = fig.add_axes((0.085, bottom, 0.755, top_edge - bottom))
+    cax = fig.add_axes((0.86, bottom, 0.022, top_edge - bottom))
 
     x_max = 0.5
     if ids.size:
@@ -151,9 +181,9 @@ def _build_figure(
     m = np.linspace(0.0, 1.0, 401)
     ax.plot(np.sqrt(m * (1 - m)), m, color="0.6", linestyle=(0, (3, 3)), linewidth=1.0, zorder=1)
     if num_drawable:
-        ax.text(0.03 * x_max, 0.97, "easy-to-learn", **{**_REGION_STYLE, "ha": "left"})
-        ax.text(0.03 * x_max, 0.03, "hard-to-learn", **{**_REGION_STYLE, "ha": "left"})
-        ax.text(0.80 * x_max, 0.5, "ambiguous", **_REGION_STYLE)
+        for region, places in _REGION_PLACES.items():
+            px, py, align = min(places, key=lambda place: _points_under(x[ids], y[ids], place, x_max))
+            ax.text(px * x_max, py, region, ha=align, **_REGION_STYLE)
     else:
         message = "no example has been seen yet" if num_seen == 0 else "no example has finite dynamics"
         ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", fontsize=14, color="0.3")
@@ -184,31 +214,30 @@ def _build_figure(
         handles.insert(0, Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="none",
                                  markeredgecolor=_FLAG_COLOR, markeredgewidth=1.4,
                                  label=f"flagged as suspect: {flagged_ids.size:,}{share}"))
-    ax.legend(handles=handles, loc="upper right", fontsize=10, framealpha=0.9, edgecolor="0.8")
+    # Above the plot, not in it: no corner of a data map is reliably empty.
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=10,
+              frameon=False, borderaxespad=0.3, handletextpad=0.4, columnspacing=2.0)
 
     heading = title if title else "Data map"
-    ax.set_title(
+    fig.text(
+        0.4625, 0.975,
         f"{heading}\n{num_seen:,} examples seen over {epochs:,} epoch{'s' if epochs != 1 else ''}",
-        fontsize=13, pad=10,
+        fontsize=13, ha="center", va="top", linespacing=1.4,
     )
 
-    notes: list[str] = []
-    if sampled:
-        notes.append(f"Drawn: a random sample (seed {seed}) of {ids.size:,} of {num_drawable:,} examples"
-                     + (f"; circled: a sample of {flag_draw.size:,} of the {flagged_ids.size:,} flagged." if flag_sampled
-                        else "; every flagged example is drawn." if flagged_ids is not None else "."))
-    if num - num_seen:
-        notes.append(f"{num - num_seen:,} of {num:,} ids never seen, not drawn.")
-    if num_seen - num_drawable:
-        notes.append(f"{num_seen - num_drawable:,} with non-finite values, not drawn.")
-    if flagged_ids is not None and flagged_ids.size:
-        top = np.asarray(suspects.ids)[np.asarray(suspects.flagged, bool)][:5]  # type: ignore[union-attr]
-        labels = np.asarray(records["label"]) if "label" in records else None
-        notes.append("Most suspect: " + ", ".join(_describe(int(i), labels, class_names) for i in top)
-                     + (", ..." if flagged_ids.size > top.size else "."))
     if notes:
-        fig.text(0.085, 0.018, "\n".join(notes), fontsize=9.5, color="0.3", ha="left", va="bottom")
+        fig.text(0.085, 0.015, "\n".join(notes), fontsize=9.5, color="0.3", ha="left", va="bottom",
+                 linespacing=1.25)
     return fig
+
+
+def _points_under(x: np.ndarray, y: np.ndarray, place: tuple[float, float, str], x_max: float) -> int:
+    """How many of the points (x, y) a region label put at ``place`` would roughly cover."""
+    px, py, align = place
+    width, height = _LABEL_BOX[0] * x_max, _LABEL_BOX[1]
+    left = px * x_max - (width / 2 if align == "center" else 0.0)
+    inside = (x >= left) & (x <= left + width) & (np.abs(y - py) <= height / 2)
+    return int(np.count_nonzero(inside))
 
 
 def _describe(sample_id: int, labels: Optional[np.ndarray], class_names: Optional[Sequence[str]]) -> str:

@@ -158,6 +158,18 @@ def test_data_map_subsamples_large_inputs_and_says_so() -> None:
     assert len(fig.axes[0].collections[0].get_offsets()) == 500
 
 
+def test_render_data_map_on_a_background_thread() -> None:
+    """Test that the map renders off the main thread (object API, no pyplot) to the same pixels."""
+    import threading
+
+    records, _ = make_records(n=40)
+    result: dict[str, np.ndarray] = {}
+    worker = threading.Thread(target=lambda: result.setdefault("image", render_data_map(records)))
+    worker.start()
+    worker.join(timeout=60)
+    np.testing.assert_array_equal(result["image"], render_data_map(records))
+
+
 def test_data_map_rejects_suspects_from_other_records() -> None:
     """Test that suspect ids outside the records' range are refused with a clear message."""
     records, _ = make_records(n=10)
