@@ -41,7 +41,7 @@ from .config import IntrospectConfig
 from .hooks import HookSet, select_layers
 from .samples import BAD_INPUT_NAMES, PerSampleStore, classification_figures, sequence_figures
 from .schedule import SamplingSchedule
-from .stats import HIST_BINS, GradNorms, LayerStats, histogram_edges
+from .stats import HIST_BINS, GradNorms, LayerStats, histogram_edges, to_device
 from ..sinks.base import AsyncWriter
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -384,11 +384,14 @@ class Introspector:
                 assert st.sums is not None and st.fired is not None and st.hist is not None and st.mins is not None
                 sum_parts += [st.sums, st.fired, st.hist]
                 min_parts.append(st.mins)
-            counts = torch.tensor([float(st.count) for _, st in layers] + [0.0], dtype=torch.float64).to(device)
-            loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.float64)
-            store_bad = self.store.take_bad_counts() if self.store is not None else torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64)
+            counts = to_device([float(st.count) for _, st in layers] + [0.0], torch.float64, device)
+            loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.float64, device=device)
+            store_bad = (
+                self.store.take_bad_counts() if self.store is not None
+                else torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=device)
+            )
             extra = torch.cat([loss_bad.reshape(1).to(device, torch.float64), store_bad.to(device)])
-            interval = torch.tensor([-float(self.schedule.proposed_interval())], dtype=torch.float32).to(device)
+            interval = to_device([-float(self.schedule.proposed_interval())], torch.float32, device)
             reduced = True
             if dist.is_distributed():
                 reduced = dist.agree(dist.FLUSH, device)

@@ -48,6 +48,14 @@ def histogram_counts(x: Tensor, out: Tensor) -> None:
     out.index_add_(0, idx, finite.to(out.dtype))
 
 
+def to_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list as a tensor on ``device``; on CUDA through pinned memory, without a sync."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def unit_amax(x: Tensor, unit_dim: int) -> Tensor:
     """(units,) the largest value each unit took over every other dimension."""
     ud = unit_dim % x.ndim
@@ -190,7 +198,7 @@ class GradNorms:
         key = (positions, device)
         idx = self._index_cache.get(key)
         if idx is None:
-            idx = torch.tensor([self._param_layer[i] for i in positions], dtype=torch.long).to(device)
+            idx = to_device([self._param_layer[i] for i in positions], torch.long, device)
             self._index_cache[key] = idx
         return idx
 
@@ -233,7 +241,7 @@ class GradNorms:
         key = ("p", positions, device)
         idx = self._index_cache.get(key)
         if idx is None:
-            idx = torch.tensor(positions, dtype=torch.long).to(device)
+            idx = to_device(list(positions), torch.long, device)
             self._index_cache[key] = idx
         return idx
 
