@@ -67,7 +67,7 @@ examples scoring strictly below it are flagged, and the threshold samples themse
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping, Optional, Sequence, Union
+from typing import Literal, Mapping, MutableMapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -152,7 +152,7 @@ def init_records(num_samples: int) -> dict[str, np.ndarray]:
 
 
 def fold_epoch(
-    records: Mapping[str, np.ndarray],
+    records: MutableMapping[str, np.ndarray],
     epoch: int,
     ids: np.ndarray,
     labels: np.ndarray,
