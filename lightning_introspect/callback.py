@@ -212,7 +212,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
         ts = _find_dataset(dataset, ThresholdSamples)
         if ts is not None:
-            self.threshold_ids = ts.threshold_ids
+            self.threshold_ids = core.threshold_ids = ts.threshold_ids
         cfg = self.config
         if cfg.sample_dynamics is False:
             self._dynamics = False

@@ -162,6 +162,7 @@ class Introspector:
         self._records: Optional[dict[str, np.ndarray]] = None
         self._prev_forgets: Optional[np.ndarray] = None
         self._pending_state: Optional[dict[str, Any]] = None
+        self.threshold_ids: Optional[np.ndarray] = None  # AUM threshold samples (ThresholdSamples), if any
 
     # ------------------------------------------------------------------------------------------------ steps
     @contextmanager
@@ -638,6 +639,7 @@ class Introspector:
             "format": 1, "epoch": epoch, "num_examples": self.store.num_examples if self.store else self.num_examples,
             "num_classes": self.num_classes, "class_names": self.class_names, "task": self.task or "classification",
             "ignore_index": self.config.ignore_index,
+            "threshold_ids": None if self.threshold_ids is None else [int(i) for i in self.threshold_ids],
         }
 
     def _write_epoch(
@@ -664,7 +666,7 @@ class Introspector:
             from .scoring import find_label_issues
 
             if meta["task"] != "regression":
-                suspects = find_label_issues(records)
+                suspects = find_label_issues(records, threshold_ids=self.threshold_ids)
                 scalars["samples/flagged_fraction"] = float(suspects.flagged.sum() / n_seen)
         except NotImplementedError:
             suspects = None
@@ -703,6 +705,8 @@ class Introspector:
         """Examples ranked most suspect first (see :func:`~lightning_introspect.core.scoring.find_label_issues`)."""
         from .scoring import find_label_issues
 
+        if threshold_ids is None:
+            threshold_ids = self.threshold_ids
         return find_label_issues(self.records(), method=method, cut=cut, threshold_ids=threshold_ids)
 
     @_timed
