@@ -170,7 +170,7 @@ class PerSampleStore:
         counts.append((srt[1:] == srt[:-1]).sum())
         if valid is not None:
             valid = valid.to(self.device)
-            counts.append((in_range & ~valid).sum())
+            counts.append((in_range & finite & ~valid).sum())  # a NaN row is a non-finite output, not a bad target
             ok = ok & valid
         else:
             counts.append(torch.zeros((), dtype=torch.long, device=self.device))
