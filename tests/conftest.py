@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+#: tests/helpers holds importable helpers and scripts that subprocess tests run, never tests to collect.
+collect_ignore = ["helpers"]
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:

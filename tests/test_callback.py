@@ -1,0 +1,228 @@
+"""Tests for the ``Introspect`` callback: real Trainer runs, real loggers, event files read back."""
+from __future__ import annotations
+
+import csv
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers.models import MLP_LAYERS, PACKAGES, classification_data, classifier, lightning, loader, trainer
+from helpers.tb import event_files, read_events
+
+from lightning_introspect import Introspect, WithIndex
+
+
+def expected_steps(n: int, every: int, warmup: int) -> list[int]:
+    """Sampled steps of a run of ``n`` optimizer steps, counted by hand."""
+    return [s for s in range(n) if s < warmup or s % every == 0]
+
+
+def fit(package: str, root: Path, cb: Introspect, *, with_ids: bool = True, model: Any = None, **trainer_kw: Any) -> Any:
+    """Fits the boring classifier on 64 examples in batches of 8 (8 steps per epoch); returns the Trainer."""
+    data = classification_data()
+    tr = trainer(package, root, callbacks=[cb, *trainer_kw.pop("extra_callbacks", [])], **trainer_kw)
+    tr.fit(model if model is not None else classifier(package), loader(WithIndex(data) if with_ids else data))
+    return tr
+
+
+def documented_tags() -> list[str]:
+    """Tags listed in the table of ``Introspect.__doc__`` (first column and "also ``...``" notes)."""
+    lines = (Introspect.__doc__ or "").splitlines()
+    rules = [i for i, line in enumerate(lines) if re.fullmatch(r"\s*=+(\s+=+)+\s*", line)]
+    assert len(rules) == 3, "the tag table of Introspect's docstring is not a 3-rule RST simple table"
+    body = "\n".join(lines[rules[1] + 1 : rules[2]])
+    return re.findall(r"``([A-Za-z_]+/[^`\s]+)``", body)
+
+
+def tag_regex(documented: str) -> re.Pattern[str]:
+    """``activation_mean/{layer}`` -> ``^activation_mean/.+$`` (placeholders stand for layer/parameter names)."""
+    parts = re.split(r"\{[a-z_]+\}", documented)
+    return re.compile("^" + ".+".join(map(re.escape, parts)) + "$")
+
+
+# ------------------------------------------------------------------------------------------------ cadence
+@pytest.mark.parametrize(("every", "warmup", "n"), [(3, 0, 10), (4, 2, 13), (1, 0, 5)])
+def test_cadence_points_per_tag(tmp_path: Path, every: int, warmup: int, n: int) -> None:
+    """Test that every_n_steps=k with warm-up w over n steps writes one point per sampled step, at those steps."""
+    cb = Introspect(every_n_steps=every, warmup_steps=warmup)
+    fit("lightning.pytorch", tmp_path, cb, with_ids=False, max_steps=n)
+    ev = read_events(tmp_path / "version_0")
+    steps = expected_steps(n, every, warmup)
+    if warmup == 0:
+        assert len(steps) == math.ceil(n / every)
+    for tag in ("activation_mean/net.0", "activation_std/net.5", "grad_norm/global", "grad_norm/net.3",
+                "update_to_weight/global", "introspect/interval"):
+        assert ev.steps(tag) == steps, tag
+    assert ev.steps("activation_hist/net.4") == steps
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_both_lightning_packages(tmp_path: Path, package: str) -> None:
+    """Test that one Introspect instance works in a Trainer of either package: events, records and report."""
+    cb = Introspect(every_n_steps=2, warmup_steps=0)
+    tr = fit(package, tmp_path, cb, max_epochs=2)
+    assert isinstance(cb, lightning(package).Callback)
+    assert tr.global_step == 16
+    ev = read_events(tmp_path / "version_0")
+    assert ev.steps("grad_norm/global") == list(range(0, 16, 2))
+    assert ev.steps("samples/learned_fraction") == [8, 16]
+    records_dir = tmp_path / "version_0" / "introspect"
+    assert {"samples.npz", "samples.json", "suspects.csv"} <= {p.name for p in records_dir.iterdir()}
+    assert cb.mislabeled().ids.shape == (64,)
+
+
+# ------------------------------------------------------------------------------------------------ tag table
+def test_documented_tags_match_a_full_run(tmp_path: Path) -> None:
+    """Test that the docstring's tag table lists exactly the tags a demo-like run writes (both directions)."""
+    documented = documented_tags()
+    assert "update_to_weight/global" in documented and "alerts/nonfinite" in documented
+    patterns = {d: tag_regex(d) for d in documented}
+    # Per-example dynamics (WithIndex + logits), per-parameter norms, enough unsampled steps for the
+    # overhead estimate, dead units within the run, and a NaN on the last sampled step (step 20) for
+    # `alerts/nonfinite`; the NaN logits of that step also raise `alerts/bad_input` (non-finite outputs).
+    cb = Introspect(every_n_steps=4, warmup_steps=2, param_grad_norms=True, dead_window=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit("lightning.pytorch", tmp_path, cb, max_steps=21, model=classifier(poison_steps=(20,)))
+    logged = read_events(tmp_path / "version_0").tags()
+    missing = [d for d, rx in patterns.items() if not any(rx.match(t) for t in logged)]
+    undocumented = sorted(t for t in logged if not any(rx.match(t) for rx in patterns.values()))
+    assert not missing, f"documented but never written: {missing}"
+    assert not undocumented, f"written but not in the docstring's tag table: {undocumented}"
+
+
+def test_custom_scalars_layout_covers_every_scalar(tmp_path: Path) -> None:
+    """Test that the custom-scalars layout is written and its charts cover every scalar tag, one chart per stat."""
+    cb = Introspect(every_n_steps=1, warmup_steps=0, param_grad_norms=True)
+    fit("lightning.pytorch", tmp_path, cb, max_steps=8)
+    ev = read_events(tmp_path / "version_0")
+    assert ev.layout is not None
+    charts = {c.title: [re.compile(t) for t in c.multiline.tag] for cat in ev.layout.category for c in cat.chart}
+    assert {"mean", "dead fraction", "gradient L2 norm (global and per layer)", "update / weight norm",
+            "gradient norm per parameter", "sampling interval (steps)"} <= set(charts)
+    for tag in ev.scalars:
+        assert any(rx.search(tag) for rxs in charts.values() for rx in rxs), f"{tag} is in no custom-scalars chart"
+    # one multi-line chart per statistic: all layers of activation_mean share the "mean" chart
+    mean_tags = [t for t in ev.scalars if any(rx.search(t) for rx in charts["mean"])]
+    assert sorted(mean_tags) == sorted(f"activation_mean/{n}" for n in MLP_LAYERS)
+
+
+# ------------------------------------------------------------------------------------------------ where it writes
+def test_writes_through_the_trainers_tensorboard_logger(tmp_path: Path) -> None:
+    """Test that with a TensorBoardLogger the figures go into the logger's own event file and log dir."""
+    cb = Introspect(every_n_steps=2, warmup_steps=0)
+    tr = fit("lightning.pytorch", tmp_path, cb, max_steps=4)
+    log_dir = Path(tr.logger.log_dir)
+    assert len(event_files(log_dir)) == 1  # the logger's writer, not a second one
+    assert read_events(log_dir).steps("grad_norm/global") == [0, 2]
+    assert (log_dir / "introspect" / "samples.npz").is_file()
+    assert not event_files(tmp_path)
+
+
+def test_own_writer_without_logger(tmp_path: Path) -> None:
+    """Test that with ``logger=False`` the callback writes its own event file into the default root dir."""
+    cb = Introspect(every_n_steps=2, warmup_steps=0)
+    fit("lightning.pytorch", tmp_path, cb, max_steps=4, logger=False)
+    assert len(event_files(tmp_path)) == 1
+    assert read_events(tmp_path).steps("activation_mean/net.0") == [0, 2]
+    assert (tmp_path / "introspect" / "samples.npz").is_file()
+
+
+def test_own_writer_in_log_dir_argument(tmp_path: Path) -> None:
+    """Test that ``Introspect(log_dir=...)`` is used when the Trainer has no TensorBoardLogger."""
+    cb = Introspect(every_n_steps=2, warmup_steps=0, log_dir=tmp_path / "mine")
+    fit("lightning.pytorch", tmp_path / "root", cb, max_steps=4, logger=False)
+    assert read_events(tmp_path / "mine").steps("grad_norm/global") == [0, 2]
+    assert (tmp_path / "mine" / "introspect" / "samples.npz").is_file()
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_csv_logger_gets_scalars_and_own_writer_gets_events(tmp_path: Path, package: str) -> None:
+    """Test that with only a CSVLogger the scalars reach its metrics.csv and TensorBoard events go next to it."""
+    csv_logger = lightning(package).loggers.CSVLogger(str(tmp_path), name="", version=0)
+    cb = Introspect(every_n_steps=2, warmup_steps=0)
+    fit(package, tmp_path, cb, max_steps=6, logger=csv_logger)
+    log_dir = Path(csv_logger.log_dir)
+    ev = read_events(log_dir)
+    assert ev.steps("grad_norm/global") == [0, 2, 4]
+    with open(log_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    grad = {int(r["step"]): float(r["grad_norm/global"]) for r in rows if r.get("grad_norm/global")}
+    assert sorted(grad) == [0, 2, 4]
+    for step, value in ev.scalars["grad_norm/global"]:
+        assert grad[step] == pytest.approx(value, rel=1e-6)
+    assert any(r.get("samples/learned_fraction") for r in rows)  # epoch-end scalars too
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def _grad_norm_recorder(package: str, out: dict[int, float]) -> Any:
+    pl = lightning(package)
+
+    class GradNormRecorder(pl.Callback):  # type: ignore[misc,name-defined]
+        """Records the L2 norm of all gradients the optimizer is about to apply (the oracle)."""
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            out[trainer.global_step] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    return GradNormRecorder()
+
+
+def test_gradient_accumulation_one_point_per_optimizer_step(tmp_path: Path) -> None:
+    """Test that under gradient accumulation each optimizer step gives one gradient point: the accumulated norm."""
+    oracle: dict[int, float] = {}
+    cb = Introspect(every_n_steps=1, warmup_steps=0)
+    tr = fit("lightning.pytorch", tmp_path, cb, max_steps=3, accumulate_grad_batches=2,
+             extra_callbacks=[_grad_norm_recorder("lightning.pytorch", oracle)])
+    assert tr.global_step == 3
+    ev = read_events(tmp_path / "version_0")
+    assert [s for s, _ in ev.scalars["grad_norm/global"]] == [0, 1, 2]
+    assert ev.steps("activation_mean/net.0") == [0, 1, 2]  # both micro-batches fold into the step's point
+    for step, value in ev.scalars["grad_norm/global"]:
+        assert value == pytest.approx(oracle[step], rel=1e-5)
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    mod = torch.nn.modules.module
+    total = len(mod._global_forward_hooks) + len(mod._global_forward_pre_hooks) + len(mod._global_backward_hooks)
+    for m in model.modules():
+        total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        total += len(getattr(m, "_backward_pre_hooks", {}))
+    return total
+
+
+def test_unsampled_steps_run_without_hooks(tmp_path: Path) -> None:
+    """Test that hooks are attached during sampled training steps only (none at all on the other steps)."""
+    seen: dict[int, int] = {}
+    model = classifier(probe=lambda m: seen.__setitem__(m.global_step, _hook_count(m)))
+    cb = Introspect(every_n_steps=3, warmup_steps=0, sample_dynamics=False)
+    fit("lightning.pytorch", tmp_path, cb, max_steps=7, model=model)
+    assert sorted(seen) == list(range(7))
+    for step, count in seen.items():
+        assert count == (len(MLP_LAYERS) if step % 3 == 0 else 0), step
+    assert _hook_count(model) == 0  # and none are left behind
+
+
+def test_nonfinite_sentinel_names_first_layer_and_training_goes_on(tmp_path: Path) -> None:
+    """Test that a NaN born in the middle of the network is traced to the first layer in forward order."""
+    cb = Introspect(every_n_steps=1, warmup_steps=0)
+    model = classifier(poison_steps=(2,))  # NaN between net.1 and net.3 on step 2
+    with pytest.warns(RuntimeWarning) as record:
+        tr = fit("lightning.pytorch", tmp_path, cb, max_steps=5, model=model)
+    assert tr.global_step == 5  # training went on
+    messages = [str(w.message) for w in record if "non-finite values" in str(w.message)]
+    assert messages and "at step 2:" in messages[0]
+    assert "the first layer in forward order with a non-finite output is 'net.3'" in messages[0]
+    ev = read_events(tmp_path / "version_0")
+    alerts = dict(ev.texts["alerts/nonfinite"])
+    assert min(alerts) == 2
+    assert "'net.3'" in alerts[2] and "Training goes on" in alerts[2]
+    assert dict(ev.scalars["activation_nonfinite/net.1"])[2] == 0
+    assert dict(ev.scalars["activation_nonfinite/net.3"])[2] == 8 * 16  # every output of the batch
+    # NaN logits are non-finite outputs, not bad targets
+    bad_input = dict(ev.texts["alerts/bad_input"])[2]
+    assert "nonfinite_outputs" in bad_input and "targets_out_of_range" not in bad_input
