@@ -1,0 +1,352 @@
+"""Tests for the on-device statistics: closed-form answers and one-shot torch oracles, no Trainer."""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pytest
+import torch
+from helpers.models import DeadUnitNet, ReusedNet, TupleDictNet, mlp, unit_inputs
+from helpers.tb import read_events
+from torch import Tensor, nn
+
+from lightning_introspect.core import IntrospectConfig, Introspector, LayerStats, histogram_counts, histogram_edges
+from lightning_introspect.core.stats import HIST_BINS, HIST_K, HIST_LO, HIST_RATIO, GradNorms
+from lightning_introspect.sinks import TensorBoardSink
+
+Scalars = dict[str, dict[int, float]]
+
+
+def config(**kwargs: Any) -> IntrospectConfig:
+    """Every step sampled; gradient figures off unless asked for."""
+    base: dict[str, Any] = dict(every_n_steps=1, warmup_steps=0, grad_norms=False)
+    base.update(kwargs)
+    return IntrospectConfig(**base)
+
+
+def run_forwards(model: nn.Module, cfg: IntrospectConfig, batches: Sequence[Sequence[Tensor]],
+                 sinks: Sequence[Any] = ()) -> Scalars:
+    """Step ``s`` runs one forward per tensor of ``batches[s]``; returns the scalars written, ``tag -> step -> value``."""
+    out: Scalars = defaultdict(dict)
+
+    def collect(scalars: dict[str, float], step: int) -> None:
+        for tag, value in scalars.items():
+            out[tag][step] = value
+
+    intro = Introspector(model, cfg, on_scalars=collect, sinks=sinks)
+    with torch.no_grad():
+        for step, xs in enumerate(batches):
+            with intro.step(step):
+                for x in xs:
+                    model(x)
+    intro.close()
+    return out
+
+
+def record_outputs(module: nn.Module) -> tuple[list[Tensor], Callable[[], None]]:
+    """An independent oracle: every output tensor of ``module`` (first tensor of tuples/dicts), and a remover."""
+    seen: list[Tensor] = []
+
+    def hook(_m: nn.Module, _a: Any, out: Any) -> None:
+        if isinstance(out, tuple):
+            out = out[0]
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        seen.append(out.detach().clone())
+
+    handle = module.register_forward_hook(hook)
+    return seen, handle.remove
+
+
+def oracle(x: Tensor) -> dict[str, float]:
+    """One-shot statistics of all elements of ``x`` in float64."""
+    x = x.double().reshape(-1)
+    return {"mean": x.mean().item(), "std": x.std(correction=0).item(), "min": x.min().item(),
+            "max": x.max().item(), "zero_fraction": (x == 0).double().mean().item()}
+
+
+def assert_activation_stats(scalars: Scalars, layer: str, step: int, data: Tensor) -> None:
+    expected = oracle(data)
+    for key in ("mean", "std", "min", "max", "zero_fraction"):
+        assert scalars[f"activation_{key}/{layer}"][step] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+    assert scalars[f"activation_nonfinite/{layer}"][step] == 0
+
+
+# ------------------------------------------------------------------------------------------------ dead units
+@pytest.mark.parametrize("inplace", [False, True], ids=["relu", "inplace_relu"])
+@pytest.mark.parametrize("window", [1, 3])
+def test_dead_fraction_is_exactly_one_quarter_after_dead_window(inplace: bool, window: int) -> None:
+    """Test that Linear(3,4) with bias (-10,1,1,1) has dead fraction exactly 0.25 once ``dead_window`` steps passed."""
+    g = torch.Generator().manual_seed(1)
+    batches = [[unit_inputs(16, g)] for _ in range(window + 2)]
+    scalars = run_forwards(DeadUnitNet(inplace=inplace), config(dead_window=window), batches)
+    for layer in ("linear", "relu"):
+        assert sorted(scalars[f"dead_fraction/{layer}"]) == list(range(window - 1, window + 2))
+        assert set(scalars[f"dead_fraction/{layer}"].values()) == {0.25}
+        assert set(scalars[f"dead_count/{layer}"].values()) == {1.0}
+    # streak of the dead unit: window, window+1, window+2 steps -> that many whole windows
+    assert scalars["dead_windows/linear"] == {s: float((s + 1) // window) for s in range(window - 1, window + 2)}
+
+
+def test_inplace_relu_sees_pre_activations() -> None:
+    """Test that with ReLU(inplace=True) the Linear's figures are its own output, read before ReLU overwrites it."""
+    g = torch.Generator().manual_seed(2)
+    x = unit_inputs(8, g)
+    model = DeadUnitNet(inplace=True)
+    with torch.no_grad():
+        pre = model.linear(x)
+    scalars = run_forwards(model, config(), [[x]])
+    assert_activation_stats(scalars, "linear", 0, pre)
+    assert scalars["activation_min/linear"][0] < -7  # negatives: the pre-activation, not the ReLU output
+    assert_activation_stats(scalars, "relu", 0, pre.clamp_min(0))
+
+
+def test_inplace_relu_trains_with_gradient_figures() -> None:
+    """Test that hooks on a Linear followed by an in-place ReLU do not break backward, and norms are written."""
+    model = DeadUnitNet(inplace=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out: Scalars = defaultdict(dict)
+    intro = Introspector(model, config(grad_norms=True), on_scalars=lambda s, step: out["g"].update({step: s["grad_norm/global"]}))
+    g = torch.Generator().manual_seed(3)
+    for step in range(2):
+        with intro.step(step):
+            loss = model(unit_inputs(8, g)).sum()
+            opt.zero_grad()
+            loss.backward()
+            intro.observe_gradients(opt)
+            opt.step()
+    intro.close()
+    assert sorted(out["g"]) == [0, 1] and all(v > 0 for v in out["g"].values())
+
+
+# ------------------------------------------------------------------------------------------------ streamed = one-shot
+def test_streamed_statistics_equal_one_shot_on_concatenated_data() -> None:
+    """Test that three forwards folded into one step give the statistics of their outputs concatenated."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU())
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(n, 5, generator=g) for n in (6, 9, 3)]
+    outs, remove = record_outputs(model[0])
+    relu_outs, remove_relu = record_outputs(model[1])
+    scalars = run_forwards(model, config(max_rows=64), [xs])
+    remove(), remove_relu()
+    assert_activation_stats(scalars, "0", 0, torch.cat(outs))
+    assert_activation_stats(scalars, "1", 0, torch.cat(relu_outs))
+    assert scalars["activation_zero_fraction/1"][0] > 0.2  # ReLU zeros are counted
+
+
+def test_max_rows_cuts_each_call() -> None:
+    """Test that only the first ``max_rows`` rows of each call enter the statistics."""
+    model = nn.Sequential(nn.Linear(5, 7))
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(10, 5, generator=g) for _ in range(2)]
+    outs, remove = record_outputs(model[0])
+    scalars = run_forwards(model, config(max_rows=4), [xs])
+    remove()
+    assert_activation_stats(scalars, "0", 0, torch.cat([o[:4] for o in outs]))
+
+
+def test_nonfinite_values_are_counted() -> None:
+    """Test that NaN and Inf outputs are counted per layer and the histogram leaves them out."""
+    model = nn.Sequential(nn.Identity())
+    x = torch.tensor([[1.0, float("nan"), 0.0], [float("inf"), -2.0, float("-inf")]])
+    stats = LayerStats("x", unit_dim=-1, dead_threshold=0.0, zero_threshold=0.0)
+    stats.update(x, moments=True, dead=True, histogram=True, max_hist_elements=1 << 16)
+    assert stats.sums is not None and stats.hist is not None
+    assert stats.sums[3].item() == 3.0  # non-finite count
+    assert stats.sums[2].item() == 1.0  # zeros
+    assert stats.hist.sum().item() == 3.0  # finite values only
+    with pytest.warns(RuntimeWarning, match="first layer in forward order with a non-finite output is '0'"):
+        scalars = run_forwards(model, config(layer_types=(nn.Identity,)), [[x]])
+    assert scalars["activation_nonfinite/0"][0] == 3.0
+    assert math.isnan(scalars["activation_mean/0"][0])
+
+
+def _stream(chunks: Sequence[Tensor], unit_dim: int = -1) -> LayerStats:
+    st = LayerStats("l", unit_dim=unit_dim, dead_threshold=0.0, zero_threshold=0.0)
+    for c in chunks:
+        assert st.update(c, moments=True, dead=True, histogram=True, max_hist_elements=1 << 20)
+    return st
+
+
+@pytest.mark.parametrize("unit_dim", [-1, 1])
+def test_layer_stats_streamed_equal_one_shot(unit_dim: int) -> None:
+    """Test that LayerStats fed chunks holds sum, sum of squares, zeros, min, max, firing and bucket counts of all."""
+    g = torch.Generator().manual_seed(6)
+    chunks = [torch.randn(n, 4, 3, generator=g).relu_() - 0.2 for n in (5, 2, 7)]
+    st = _stream(chunks, unit_dim)
+    allx = torch.cat(chunks).double()
+    assert st.sums is not None and st.mins is not None and st.fired is not None and st.hist is not None
+    torch.testing.assert_close(st.sums[:2], torch.stack([allx.sum(), allx.square().sum()]), rtol=1e-6, atol=1e-6)
+    assert st.sums[2].item() == (allx == 0).sum().item()
+    assert st.mins.tolist() == pytest.approx([allx.min().item(), -allx.max().item()])
+    assert st.count == allx.numel()
+    units = allx.movedim(unit_dim, -1).reshape(-1, allx.shape[unit_dim])
+    per_call = torch.stack([(c.movedim(unit_dim, -1).reshape(-1, units.shape[1]) > 0).any(0) for c in chunks])
+    torch.testing.assert_close(st.fired, per_call.float().sum(0))  # one count per call in which the unit fired
+    one_shot = torch.zeros(HIST_BINS, dtype=torch.float64)
+    histogram_counts(allx, one_shot)
+    torch.testing.assert_close(st.hist, one_shot, rtol=0, atol=0)
+
+
+def test_two_accumulators_fed_halves_equal_one_fed_everything() -> None:
+    """Test that merging (sum/min) the states of two LayerStats fed halves equals one LayerStats fed all."""
+    g = torch.Generator().manual_seed(7)
+    chunks = [torch.randn(6, 5, generator=g) for _ in range(4)]
+    a, b, full = _stream(chunks[:2]), _stream(chunks[2:]), _stream(chunks)
+    assert a.sums is not None and b.sums is not None and full.sums is not None
+    torch.testing.assert_close(a.sums + b.sums, full.sums, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.minimum(a.mins, b.mins), full.mins, rtol=0, atol=0)  # type: ignore[arg-type]
+    torch.testing.assert_close(a.fired + b.fired, full.fired, rtol=0, atol=0)  # type: ignore[operator]
+    torch.testing.assert_close(a.hist + b.hist, full.hist, rtol=0, atol=0)  # type: ignore[operator]
+    assert a.count + b.count == full.count
+
+
+def test_histogram_buckets_closed_form() -> None:
+    """Test that values at bucket centres land in bucket CENTER +/- k, zeros in the centre, counts as placed."""
+    rng = np.random.default_rng(0)
+    k = rng.integers(1, HIST_K + 1, size=200)
+    sign = rng.choice([-1.0, 1.0], size=200)
+    values = np.concatenate([sign * HIST_LO * HIST_RATIO ** (k - 0.5), np.zeros(5), [1e-9]])
+    counts = torch.zeros(HIST_BINS, dtype=torch.float64)
+    histogram_counts(torch.tensor(values, dtype=torch.float32), counts)
+    expected = np.zeros(HIST_BINS)
+    np.add.at(expected, (HIST_K + sign * k).astype(int), 1)
+    expected[HIST_K] += 6
+    np.testing.assert_array_equal(counts.numpy(), expected)
+    edges = histogram_edges()
+    assert edges.shape == (HIST_BINS + 1,)
+    idx = np.searchsorted(edges, values[:200], side="right") - 1  # the documented edges say the same
+    np.testing.assert_array_equal(idx, (HIST_K + sign * k).astype(int))
+
+
+def test_histogram_written_to_tensorboard_matches_data(tmp_path: Path) -> None:
+    """Test that the histogram read back from the event file has the data's counts, sum, min and max."""
+    model = nn.Sequential(nn.Linear(4, 6))
+    g = torch.Generator().manual_seed(8)
+    xs = [torch.randn(8, 4, generator=g) for _ in range(2)]
+    outs, remove = record_outputs(model[0])
+    run_forwards(model, config(), [xs], sinks=[TensorBoardSink(tmp_path)])
+    remove()
+    data = torch.cat(outs).double().reshape(-1).numpy()
+    (step, h), = read_events(tmp_path).histograms["activation_hist/0"]
+    assert step == 0
+    assert h.num == data.size and sum(h.bucket) == data.size
+    assert h.min == pytest.approx(data.min(), rel=1e-6) and h.max == pytest.approx(data.max(), rel=1e-6)
+    assert h.sum == pytest.approx(data.sum(), rel=1e-5, abs=1e-6)
+    assert h.sum_squares == pytest.approx((data**2).sum(), rel=1e-6)
+    # each bucket [limit[i-1], limit[i]) holds the values between its limits
+    limits = np.asarray(h.bucket_limit)
+    lower = np.concatenate([[-np.inf], limits[:-1]])
+    for lo, hi, c in zip(lower, limits, h.bucket):
+        inside = ((data >= lo) & (data < hi)) | ((data == hi) & (hi == limits[-1]))
+        assert c == inside.sum()
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+def _train_step(intro: Introspector, model: nn.Module, opt: torch.optim.Optimizer, step: int,
+                x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """One step; returns grads, weights before and weights after the optimizer step (oracle copies)."""
+    with intro.step(step):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        intro.observe_gradients(opt)
+        opt.step()
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return grads, before, after
+
+
+def _norm(tensors: Sequence[Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in tensors])).item()
+
+
+def test_gradient_norms_global_per_layer_per_parameter_and_update_ratio() -> None:
+    """Test grad_norm (global, per layer), param_grad_norm, grad_to_weight and update_to_weight against torch."""
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)  # an update that is not lr * grad
+    out: Scalars = defaultdict(dict)
+    intro = Introspector(model, config(grad_norms=True, param_grad_norms=True, activations=False, dead_units=False,
+                                       histograms=False),
+                         on_scalars=lambda s, step: [out[t].__setitem__(step, v) for t, v in s.items()])
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    oracles = [_train_step(intro, model, opt, step, x, y) for step in range(3)]
+    intro.close()
+    for step, (grads, before, after) in enumerate(oracles):
+        assert out["grad_norm/global"][step] == pytest.approx(
+            torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in grads.values()])).item(), rel=1e-5)
+        for layer in ("0", "3", "5"):
+            names = [f"{layer}.weight", f"{layer}.bias"]
+            g_norm, w_norm = _norm([grads[n] for n in names]), _norm([before[n] for n in names])
+            u_norm = _norm([after[n] - before[n] for n in names])
+            assert out[f"grad_norm/{layer}"][step] == pytest.approx(g_norm, rel=1e-5)
+            assert out[f"grad_to_weight/{layer}"][step] == pytest.approx(g_norm / w_norm, rel=1e-5)
+            assert out[f"update_to_weight/{layer}"][step] == pytest.approx(u_norm / w_norm, rel=1e-4)
+            for n in names:
+                assert out[f"param_grad_norm/{n}"][step] == pytest.approx(grads[n].norm().item(), rel=1e-5)
+        u_all = _norm([after[n] - before[n] for n in grads])
+        assert out["update_to_weight/global"][step] == pytest.approx(u_all / _norm(list(before.values())), rel=1e-4)
+    assert not any(t.startswith("activation_") for t in out)
+
+
+def test_grad_norms_of_two_parameter_halves_add_up() -> None:
+    """Test that GradNorms fed two parameter halves (two optimizers) equals GradNorms fed all parameters."""
+    model = mlp()
+    names = [n for n, _ in model.named_parameters()]
+    g = torch.Generator().manual_seed(10)
+    grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    split, whole = GradNorms(names), GradNorms(names)
+    half = len(names) // 2
+    split.observe(range(half), grads[:half], params[:half], per_param=True)
+    split.observe(range(half, len(names)), grads[half:], params[half:], per_param=True)
+    whole.observe(range(len(names)), grads, params, per_param=True)
+    for key in ("grad_sq", "weight_sq", "param_grad"):
+        torch.testing.assert_close(getattr(split, key), getattr(whole, key))
+    assert split.observed_layers() == whole.observed_layers() == {0, 1, 2}
+
+
+# ------------------------------------------------------------------------------------------------ model shapes
+def test_module_called_twice_folds_both_calls() -> None:
+    """Test that a Linear called twice in one forward contributes both outputs to its statistics."""
+    model = ReusedNet()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 3, generator=g)
+    first, second = model.linear_outputs(x)
+    scalars = run_forwards(model, config(), [[x]])
+    assert_activation_stats(scalars, "linear", 0, torch.cat([first, second]))
+    assert_activation_stats(scalars, "relu", 0, torch.cat([first.relu(), second.relu()]))
+
+
+def test_layers_returning_tuples_and_dicts_are_watched() -> None:
+    """Test that a layer returning a tuple or a dict is watched through its first tensor, without a skip warning."""
+    model = TupleDictNet()
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(5, 3, generator=g)
+    with torch.no_grad():
+        pair, _ = model.pair(x)
+        named = model.named(pair)["out"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scalars = run_forwards(model, config(), [[x]])
+    assert_activation_stats(scalars, "pair", 0, pair)
+    assert_activation_stats(scalars, "named", 0, named)
+
+
+def test_layer_returning_no_tensor_is_skipped_with_a_warning() -> None:
+    """Test that a watched layer whose output has no floating-point tensor is skipped with a warning naming it."""
+
+    class IntOut(nn.Linear):
+        def forward(self, x: Tensor) -> Any:  # type: ignore[override]
+            return (super().forward(x) > 0).long()
+
+    model = nn.Sequential(IntOut(3, 2))
+    with pytest.warns(UserWarning, match=r"layer '0' returned .*not a floating-point tensor"):
+        scalars = run_forwards(model, config(), [[torch.randn(4, 3)], [torch.randn(4, 3)]])
+    assert not any(t.endswith("/0") and t.startswith("activation_") for t in scalars)
