@@ -143,7 +143,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self.config = IntrospectConfig(
             every_n_steps=every_n_steps, warmup_steps=warmup_steps, overhead_budget=overhead_budget,
             layers=layers if layers is None or isinstance(layers, str) else list(layers),  # a str fails in the config
-            layer_types=tuple(layer_types), max_rows=max_rows,
+            layer_types=tuple(layer_types) if isinstance(layer_types, (list, tuple)) else layer_types, max_rows=max_rows,
             activations=activations, histograms=histograms, histogram_every_n_samples=histogram_every_n_samples,
             dead_units=dead_units, dead_threshold=dead_threshold, dead_window=dead_window,
             zero_threshold=zero_threshold, grad_norms=grad_norms, param_grad_norms=param_grad_norms,
