@@ -620,6 +620,8 @@ class Introspector:
         self.flush()
         self.schedule.pause()
         store = self.store
+        if store is None and dist.is_distributed() and self.num_examples is not None:
+            store = self._ensure_store(self._device())  # a rank that saw no batch still joins the epoch-end round
         if store is None:
             return
         with allow_sync():
