@@ -82,12 +82,13 @@ def test_documented_tags_match_a_full_run(tmp_path: Path) -> None:
     assert "update_to_weight/global" in documented and "alerts/nonfinite" in documented
     patterns = {d: tag_regex(d) for d in documented}
     # Per-example dynamics (WithIndex + logits), per-parameter norms, enough unsampled steps for the
-    # overhead estimate, dead units within the run, and a NaN on the last sampled step (step 20) for
-    # `alerts/nonfinite`; the NaN logits of that step also raise `alerts/bad_input` (non-finite outputs).
+    # overhead estimate (>= 12 timed unsampled steps), dead units within the run, and a NaN on the last
+    # sampled step (24, the first of epoch 3) for `alerts/nonfinite`; the NaN logits of that step also raise
+    # `alerts/bad_input` (non-finite outputs).
     cb = Introspect(every_n_steps=4, warmup_steps=2, param_grad_norms=True, dead_window=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        fit("lightning.pytorch", tmp_path, cb, max_steps=21, model=classifier(poison_steps=(20,)))
+        fit("lightning.pytorch", tmp_path, cb, max_steps=25, model=classifier(poison_steps=(24,)))
     logged = read_events(tmp_path / "version_0").tags()
     missing = [d for d, rx in patterns.items() if not any(rx.match(t) for t in logged)]
     undocumented = sorted(t for t in logged if not any(rx.match(t) for rx in patterns.values()))
@@ -182,6 +183,7 @@ def test_gradient_accumulation_one_point_per_optimizer_step(tmp_path: Path) -> N
     ev = read_events(tmp_path / "version_0")
     assert [s for s, _ in ev.scalars["grad_norm/global"]] == [0, 1, 2]
     assert ev.steps("activation_mean/net.0") == [0, 1, 2]  # both micro-batches fold into the step's point
+    assert ev.steps("update_to_weight/global") == [0, 1, 2]
     for step, value in ev.scalars["grad_norm/global"]:
         assert value == pytest.approx(oracle[step], rel=1e-5)
 
