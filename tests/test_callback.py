@@ -21,7 +21,8 @@ def expected_steps(n: int, every: int, warmup: int) -> list[int]:
     return [s for s in range(n) if s < warmup or s % every == 0]
 
 
-def fit(package: str, root: Path, cb: Introspect, *, with_ids: bool = True, model: Any = None, **trainer_kw: Any) -> Any:
+def fit(package: str, root: Path, cb: Introspect, *, with_ids: bool = True, model: Any = None,
+        **trainer_kw: Any) -> Any:
     """Fits the boring classifier on 64 examples in batches of 8 (8 steps per epoch); returns the Trainer."""
     data = classification_data()
     tr = trainer(package, root, callbacks=[cb, *trainer_kw.pop("extra_callbacks", [])], **trainer_kw)

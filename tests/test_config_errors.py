@@ -39,7 +39,8 @@ def fit(tmp_path: Path, cb: Introspect, *, model: Any = None, data: Any = None, 
         ({"histogram_every_n_samples": 0}, "`histogram_every_n_samples` must be a positive int"),
         ({"dead_threshold": math.nan}, "`dead_threshold` must be a finite number, got nan"),
         ({"zero_threshold": "0"}, "`zero_threshold` must be a finite number, got '0'"),
-        ({"layers": "encoder.*"}, r"`layers` must be a list of name patterns such as \['encoder.\*', 'head'\], got 'encoder.\*'"),
+        ({"layers": "encoder.*"},
+         r"`layers` must be a list of name patterns such as \['encoder.\*', 'head'\], got 'encoder.\*'"),
         ({"layers": ["net.0", ""]}, "`layers` must be a list of name patterns"),
         ({"layer_types": (nn.Linear, int)}, "`layer_types` must be a tuple of nn.Module classes"),
         ({"layer_types": nn.Linear}, r"`layer_types` must be a tuple of nn.Module classes, got <class"),
@@ -128,8 +129,9 @@ def _no_logits_module() -> Any:
 
 def test_model_without_logits_fails_on_the_first_batch(tmp_path: Path) -> None:
     """Test that per-example dynamics without logits fail on the first batch, saying what to return."""
-    with pytest.raises(ValueError, match=r"Introspect found no logits: .*forward returned nothing \(forward was not "
-                                         r"called\).*Return \{'loss': loss, 'logits': logits\}.*`sample_dynamics=False`"):
+    with pytest.raises(ValueError, match=r"Introspect found no logits: .*forward returned nothing \(forward was "
+                                         r"not called\).*Return \{'loss': loss, 'logits': logits\}.*"
+                                         r"`sample_dynamics=False`"):
         fit(tmp_path, Introspect(), model=_no_logits_module())
 
 

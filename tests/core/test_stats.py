@@ -30,7 +30,7 @@ def config(**kwargs: Any) -> IntrospectConfig:
 
 def run_forwards(model: nn.Module, cfg: IntrospectConfig, batches: Sequence[Sequence[Tensor]],
                  sinks: Sequence[Any] = ()) -> Scalars:
-    """Step ``s`` runs one forward per tensor of ``batches[s]``; returns the scalars written, ``tag -> step -> value``."""
+    """Step ``s`` runs one forward per tensor of ``batches[s]``; returns the scalars written (tag -> step -> value)."""
     out: Scalars = defaultdict(dict)
 
     def collect(scalars: dict[str, float], step: int) -> None:
@@ -110,7 +110,8 @@ def test_inplace_relu_trains_with_gradient_figures() -> None:
     model = DeadUnitNet(inplace=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out: Scalars = defaultdict(dict)
-    intro = Introspector(model, config(grad_norms=True), on_scalars=lambda s, step: out["g"].update({step: s["grad_norm/global"]}))
+    intro = Introspector(model, config(grad_norms=True),
+                         on_scalars=lambda s, step: out["g"].update({step: s["grad_norm/global"]}))
     g = torch.Generator().manual_seed(3)
     for step in range(2):
         with intro.step(step):
