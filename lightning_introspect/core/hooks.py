@@ -50,11 +50,18 @@ def first_tensor(output: Any) -> Optional[Tensor]:
     return None
 
 
+def plain_name(name: str) -> str:
+    """A module or parameter name without the ``_orig_mod`` level that ``torch.compile`` inserts, so that a
+    compiled model logs the same tags as the eager one (``net._orig_mod.0`` -> ``net.0``)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def select_layers(model: nn.Module, config: IntrospectConfig) -> list[tuple[str, nn.Module]]:
     """Modules to monitor: those named by ``config.layers`` patterns (fnmatch on qualified names, e.g.
     ``"encoder.*"``), of the types in ``config.layer_types``. Raises ValueError naming the fix when a
     pattern matches nothing or nothing is selected."""
-    named = [(n, m) for n, m in model.named_modules() if n]
+    # A compiled module and the module it wraps share a plain name: the wrapped (eager) one is kept.
+    named = list({plain_name(n): m for n, m in model.named_modules() if plain_name(n)}.items())
     names = [n for n, _ in named]
     if config.layers is not None:
         for pattern in config.layers:
@@ -160,7 +167,10 @@ class HookSet:
             if not ok:
                 self.on_skip(name, f"changed its number of units (now {tuple(x.shape)})")
 
-        return hook
+        # Under torch.compile the hook runs eagerly: Dynamo would otherwise trace it and recompile it per layer
+        # name and output shape. The compiled module keeps two cached graphs (with and without hooks), so
+        # attaching hooks on sampled steps only does not recompile it again and again.
+        return torch.compiler.disable(hook)
 
     def __iter__(self) -> Iterator[tuple[str, nn.Module]]:
         return iter(self.layers)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from . import dist
 from ._sync import allow_sync
 from .config import IntrospectConfig
-from .hooks import HookSet, select_layers
+from .hooks import HookSet, plain_name, select_layers
 from .samples import BAD_INPUT_NAMES, PerSampleStore, classification_figures, sequence_figures
 from .schedule import SamplingSchedule
 from .stats import HIST_BINS, GradNorms, LayerStats, histogram_edges, to_device
@@ -132,7 +132,7 @@ class Introspector:
         self.layer_stats: dict[str, LayerStats] = {}
         self._skipped: dict[str, str] = {}
         self.hooks = HookSet(self.layers, self.layer_stats, config, self._on_skip)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
         self.grad = GradNorms([n for n, _ in named])
         self._param_pos = {id(p): i for i, (_, p) in enumerate(named)}
         self._params = [p for _, p in named]
