@@ -346,6 +346,8 @@ class Introspector:
             )
             self.store.grow(self.num_examples)
         self._pending_state = None
+        with allow_sync():  # resume: the forgotten fraction of the next epoch compares against these
+            self._prev_forgets = self.store.forgetting_events.cpu().numpy().astype(np.int64)
 
     def _on_skip(self, name: str, reason: str) -> None:
         if name not in self._skipped:

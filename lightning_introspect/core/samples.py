@@ -238,7 +238,9 @@ class PerSampleStore:
         out = {}
         for k in self._AGGREGATES:
             t = getattr(self, k)
-            out[k] = (t[: self.num_examples] if k == "label" else t).cpu().numpy()
+            # A copy even on CPU (where .cpu() is a no-op): the writer thread reads these arrays while the
+            # next epoch updates the store in place.
+            out[k] = (t[: self.num_examples] if k == "label" else t).to("cpu", copy=True).numpy()
         return out
 
     def grow(self, num_examples: int) -> None:
