@@ -321,7 +321,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             return
         core = self.core
         core.close()
-        if trainer.is_global_zero and core._records is not None and core.task != "regression":
+        # After a failed write the user was warned once already (log dir unwritable or full): no second warning.
+        if trainer.is_global_zero and core._records is not None and core.task != "regression" and not core.writer.failures:
             self._write_report_files()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
