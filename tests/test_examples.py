@@ -65,6 +65,8 @@ def test_nlp_transformer_example_logs_layers_and_window_dynamics(started: dict) 
                 "grad_norm/global", "grad_norm/head", "samples/learned_fraction"):
         assert tag in events.tags(), f"{tag} missing; tags: {sorted(events.tags())[:12]}"
     assert "activation_hist/encoder.layers.0.linear1" in events.histograms
+    table = events.texts["samples/suspects"][-1][1]  # sequences have no labels: "hardest", not "mislabeled"
+    assert "hardest" in table and "not wrong labels" in table and "given label" not in table
     records, meta = read_records(run / "introspect")
     assert meta["task"] == "sequence" and meta["num_examples"] == 192
     assert (records["seen_epochs"] == 2).all()

@@ -772,6 +772,18 @@ def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoc
         return str(label)
 
     n_flag = int(np.sum(suspects.flagged))
+    if len(suspects.ids) and (np.asarray(suspects.labels) < 0).all():  # no class labels: sequence (N, T, C) data
+        lines = [
+            f"**Epoch {epoch}: the {min(top, len(suspects.ids))} hardest of {len(suspects.ids)} examples** (scorer "
+            f"`{suspects.method}` over their tokens, lower = harder; {n_flag} score below {suspects.threshold:.3f}). "
+            "For sequences these are hard, atypical or noisy examples, not wrong labels.",
+            "",
+            "| rank | id | score |",
+            "|---:|---:|---:|",
+        ]
+        lines += [f"| {r + 1} | {int(suspects.ids[r])} | {float(suspects.scores[r]):.3f} |"
+                  for r in range(min(top, len(suspects.ids)))]
+        return "\n".join(lines)
     lines = [
         f"**Epoch {epoch}: {n_flag} of {len(suspects.ids)} examples flagged as likely mislabeled** "
         f"(scorer `{suspects.method}`, cut at score {suspects.threshold:.3f}; lower score = more suspect).",
