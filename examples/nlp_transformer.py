@@ -107,7 +107,8 @@ def main() -> None:
             print(f"  #{i:<5d} loss {loss[i]:.2f}  AUM {aum[i]:+.2f}  forgot {rec['forgetting_events'][i]}  {text!r}")
 
     print("What the figures mean for text (each is first averaged over a window's tokens, then over epochs):\n"
-          f"  loss   = next-character cross-entropy in nats (ln {len(vocab)} = {np.log(len(vocab)):.1f} is a uniform guess);\n"
+          f"  loss   = next-character cross-entropy in nats ({np.log(len(vocab)):.1f} = ln {len(vocab)}: a uniform "
+          "guess);\n"
           "  AUM    = area under the margin: logit of the true next character minus the best other one (< 0: the\n"
           "           model mostly predicts another character there);\n"
           "  forgot = forgetting events: epochs in which the window's token accuracy fell from >= 50 % back below.\n"
@@ -115,7 +116,8 @@ def main() -> None:
           "URLs) or noise; one that is forgotten sits at the edge of what the model has learned. Neither is a\n"
           "'wrong label': the ranking points at the text the model finds least like the rest.\n")
     hardest = introspect.mislabeled(method="aum").ids  # ranked by AUM, lowest first
-    table(f"Hardest windows (lowest AUM; {np.mean(aum < 0):.0%} of all windows have AUM < 0 so far):", hardest[: args.top])
+    table(f"Hardest windows (lowest AUM; {np.mean(aum < 0):.0%} of all windows have AUM < 0 so far):",
+          hardest[: args.top])
     forgotten = np.lexsort((-loss, -rec["forgetting_events"]))[: args.top]
     table("\nMost-forgotten windows (learned, then lost again; ties broken by loss):"
           + ("" if rec["forgetting_events"].any() else " none yet, train longer"),

@@ -104,7 +104,7 @@ def test_custom_scalars_layout_covers_every_scalar(tmp_path: Path) -> None:
     ev = read_events(tmp_path / "version_0")
     assert ev.layout is not None
     charts = {c.title: [re.compile(t) for t in c.multiline.tag] for cat in ev.layout.category for c in cat.chart}
-    assert {"mean", "dead fraction", "gradient L2 norm (global and per layer)", "update / weight norm",
+    assert {"mean", "dead fraction", "gradient L2 norm (global)", "gradient L2 norm per layer", "update / weight norm",
             "gradient norm per parameter", "sampling interval (steps)"} <= set(charts)
     for tag in ev.scalars:
         assert any(rx.search(tag) for rxs in charts.values() for rx in rxs), f"{tag} is in no custom-scalars chart"

@@ -79,7 +79,9 @@ def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
             "windows the longest-dead unit has stayed dead": ["Multiline", [r"^dead_windows/"]],
         }
     if config.grad_norms:
-        charts = {"gradient L2 norm (global and per layer)": ["Multiline", [r"^grad_norm/"]],
+        # The global norm is apart: on one axis with the layers it is the largest line and squashes them.
+        charts = {"gradient L2 norm (global)": ["Multiline", [r"^grad_norm/global$"]],
+                  "gradient L2 norm per layer": ["Multiline", [r"^grad_norm/(?!global$)"]],
                   "gradient / weight norm": ["Multiline", [r"^grad_to_weight/"]]}
         if config.update_ratios:
             charts["update / weight norm"] = ["Multiline", [r"^update_to_weight/"]]
