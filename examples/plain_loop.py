@@ -40,7 +40,7 @@ def main() -> None:
 
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    out = Path(args.out)
+    out = Path(args.out) / "mlp"  # one run folder: TensorBoard names the run after it
     intro = Introspector(  # every 10th step (after 5 warm-up steps): activations, dead units, gradient norms
         model, IntrospectConfig(every_n_steps=10), sinks=[TensorBoardSink(out)], records_dir=out / "introspect",
         num_examples=len(data), class_names=[str(d) for d in range(10)],
@@ -61,7 +61,7 @@ def main() -> None:
     intro.close()  # flushes and waits for the background writer
 
     suspects = intro.mislabeled()
-    print(f"{step} steps; TensorBoard logs and records in {out} (tensorboard --logdir {out})")
+    print(f"{step} steps; TensorBoard logs and records in {out} (tensorboard --logdir {args.out})")
     print(f"{len(flipped)} labels flipped; the automatic cut flags {int(suspects.flagged.sum())}, "
           f"{np.isin(suspects.flagged_ids, flipped).mean():.0%} of them flipped ones. Top 10 suspects:")
     print("  rank     id  given  score  AUM    flipped?")

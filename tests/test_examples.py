@@ -78,6 +78,7 @@ def test_nlp_transformer_example_logs_layers_and_window_dynamics(started: dict) 
 def test_plain_loop_example_writes_events_records_and_suspects(started: dict) -> None:
     """Test that the plain-PyTorch example writes TensorBoard events and records, and prints the top suspects."""
     stdout, out = finished(started, "plain_loop.py")
+    out = single_run_dir(out)
     events = read_events(out)
     for tag in ("activation_mean/0", "dead_fraction/1", "grad_norm/global", "samples/learned_fraction"):
         assert tag in events.tags(), f"{tag} missing; tags: {sorted(events.tags())[:12]}"
