@@ -129,6 +129,7 @@ class Introspector:
         self.config = config = config or IntrospectConfig()
         self.model = model
         self.overhead_seconds = 0.0
+        self._own_mark = 0.0
         watch_layers = config.activations or config.dead_units or config.histograms
         self.layers = select_layers(model, config) if watch_layers else []
         self.layer_stats: dict[str, LayerStats] = {}
@@ -183,7 +184,8 @@ class Introspector:
         if self._pending is not None and self._pending != step:
             self._flush()
         sampled = self.schedule.should_sample(step) or self._diagnose > 0
-        self.schedule.tick(sampled)
+        own, self._own_mark = self.overhead_seconds - self._own_mark, self.overhead_seconds  # the last step's own time
+        self.schedule.tick(sampled, own_seconds=own)
         self.sampled = sampled
         self.step_index = step
         if sampled:

@@ -14,7 +14,9 @@ class SamplingSchedule:
     ``overhead_budget`` the interval adapts: the schedule times each step on the host (start to start) and
     sets ``interval = ceil(excess / budget)``, where ``excess = (median sampled - median unsampled) /
     median unsampled`` is the extra cost of one sampled step, so that the slowdown ``excess / interval``
-    stays just under the budget.
+    stays just under the budget. The tool's own work on every step (per-example dynamics), reported to
+    :meth:`tick` as ``own_seconds``, is part of the slowdown too: it is taken off the budget first (the
+    sampled steps keep at least a quarter of it).
 
     Example:
         >>> s = SamplingSchedule(every_n_steps=4, warmup_steps=2)
@@ -37,17 +39,21 @@ class SamplingSchedule:
         self.min_samples = min_samples
         self._sampled_times: Deque[float] = deque(maxlen=16)
         self._unsampled_times: Deque[float] = deque(maxlen=64)
+        self._own_times: Deque[float] = deque(maxlen=64)
         self._last_start: Optional[float] = None
         self._last_sampled = False
 
     def should_sample(self, step: int) -> bool:
         return step < self.warmup_steps or step % self.interval == 0
 
-    def tick(self, sampled: bool, now: Optional[float] = None) -> None:
-        """Called at each step start: attributes the previous step's duration to its kind."""
+    def tick(self, sampled: bool, now: Optional[float] = None, own_seconds: Optional[float] = None) -> None:
+        """Called at each step start: attributes the previous step's duration to its kind. ``own_seconds``:
+        time the tool itself spent in the previous step (kept for unsampled steps)."""
         now = time.perf_counter() if now is None else now
         if self._last_start is not None:
             (self._sampled_times if self._last_sampled else self._unsampled_times).append(now - self._last_start)
+            if own_seconds is not None and not self._last_sampled:
+                self._own_times.append(own_seconds)
         self._last_start = now
         self._last_sampled = sampled
 
@@ -63,6 +69,14 @@ class SamplingSchedule:
         u = sorted(self._unsampled_times)[len(self._unsampled_times) // 2]
         return max(s - u, 0.0) / max(u, 1e-9)
 
+    def always_on(self) -> float:
+        """Measured share of an unsampled step spent in the tool's every-step work (0 until measured)."""
+        if len(self._own_times) < 4 * self.min_samples or len(self._unsampled_times) < 4 * self.min_samples:
+            return 0.0
+        own = sorted(self._own_times)[len(self._own_times) // 2]
+        u = sorted(self._unsampled_times)[len(self._unsampled_times) // 2]
+        return min(own / max(u - own, 1e-9), 1.0)
+
     def proposed_interval(self) -> int:
         """The interval the budget asks for now (the current one without a budget or measurements)."""
         if self.overhead_budget is None:
@@ -70,11 +84,12 @@ class SamplingSchedule:
         excess = self.excess()
         if excess is None:
             return self.interval
-        return int(min(max(math.ceil(excess / self.overhead_budget), 1), self.max_interval))
+        room = max(self.overhead_budget - self.always_on(), self.overhead_budget / 4)
+        return int(min(max(math.ceil(excess / room), 1), self.max_interval))
 
     def expected_overhead(self) -> Optional[float]:
         excess = self.excess()
-        return None if excess is None else excess / self.interval
+        return None if excess is None else excess / self.interval + self.always_on()
 
     def state_dict(self) -> dict[str, Any]:
         return {"interval": self.interval}
