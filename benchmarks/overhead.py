@@ -1,0 +1,662 @@
+"""Step-time and memory overhead of ``Introspect`` against a bare run, in one process, through a real Trainer.
+
+Run (about 6 minutes on a shared 2-core CPU; ``--quick`` about 1.5)::
+
+    python benchmarks/overhead.py                  # all workloads and configurations, markdown on stdout
+    python benchmarks/overhead.py --quick          # 4 configurations, a quarter of the steps: a smoke check
+    python benchmarks/overhead.py --out benchmarks/RESULTS.md   # also write the report there
+    python benchmarks/overhead.py --device cuda    # synchronizes around every timed step (untested here)
+
+Workloads (synthetic data from a seeded ``torch.Generator``; the labels come from a random teacher, so the
+models learn): an MLP 784-512-512-10 at batch 128; a small residual CNN (stride-2 stem, 16/32 channels, two residual blocks)
+on 3x32x32 at batch 64; a Transformer encoder classifier (4 layers, d_model 128, 4 heads, feed-forward 256, batch 32, 16 tokens).
+Each runs on ``torch.set_num_threads(1)`` through a ``lightning.pytorch.Trainer`` with a TensorBoardLogger,
+the training set wrapped in ``WithIndex`` (so the default ``Introspect()`` runs per-example dynamics too).
+
+Configurations, each compared against bare blocks of the same run:
+
+* ``defaults``: ``Introspect()`` (every 50 steps, per-example dynamics on every step);
+* ``defaults, no ids``: ``Introspect(sample_dynamics=False)`` (as if the dataset were not wrapped);
+* ``unsampled only, no ids``: blocks that contain no sampled step (hooks never attached) and no per-example
+  dynamics: what ``Introspect`` costs on the steps it does not sample (per-example dynamics, which run on
+  every step, cost the difference between ``defaults`` and ``defaults, no ids``);
+* ``everything, every step``: ``every_n_steps=1, warmup_steps=0``, histograms, ``param_grad_norms=True``,
+  dead units, update ratios, per-example dynamics;
+* ``budget 1 %`` / ``budget 5 %``: ``Introspect(overhead_budget=0.01 / 0.05)``;
+* anchors: Lightning's ``grad_norm`` logged every step as in its docs
+  (``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``), and "naive" per-layer
+  forward hooks that call ``.item()`` on mean and std every step and write them with a ``SummaryWriter``
+  (fastai's ``ActivationStats`` style).
+
+Method. The machine is shared and noisy, so every configuration is measured in ONE process on ONE model and
+Trainer per workload: training runs in blocks of 10 steps in the order ``off, c1, off, c2, ..., off, cN``,
+repeated with the order reversed every other round. In an "on" block a switch callback forwards the
+Trainer's hooks to that configuration's own ``Introspect`` (or turns the anchor on), which sees its own step
+count, so its warm-up, sampling interval and budget run as in a real fit; in an "off" block it forwards
+nothing: no hook is attached and no per-step work is done. A step is timed from the first callback's
+``on_train_batch_start`` to the last callback's ``on_train_batch_end`` (data loading and epoch ends are
+outside; the flush of a sampled step happens at the next step's start, inside). The ratio pools each
+configuration's steps after its first block: per kind of step (a sampled step and the next one, which
+carries its flush, vs. the rest) the count times the median time of that kind, over the median bare step;
+the spread is the same ratio in each quarter of the run. Also given: the time spent inside the callback
+(wall time of the forwarded calls) and inside forward hooks (forward time of sampled steps minus the median
+forward time of unsampled ones) as a share of the configuration's step time. Epoch ends (per-example
+folding, records and the data map, written by the background thread) are drained and timed separately,
+once per epoch. Peak memory: bare and defaults each train one epoch in a fresh subprocess and report
+``VmHWM`` (peak RSS, ``/proc/self/status``) at the end of training. Budget mode: the achieved slowdown is
+the pooled ratio over the steps after the first third of its run; the interval is the one the schedule
+chose by the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch.utilities import grad_norm  # noqa: E402
+
+NUM_CLASSES = 10
+BLOCK = 50  # the default every_n_steps; an epoch is 4 * BLOCK steps
+STEP_BLOCK = 10  # steps per on/off block: short, so that on and off see the same load from other jobs
+STEPS = {"mlp": 250, "cnn": 200, "transformer": 120}  # on steps per configuration (as many bare ones)
+
+
+# ------------------------------------------------------------------------------------------------ workloads
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu2(x + self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+
+
+def make_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), ResidualBlock(16),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), ResidualBlock(32),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, NUM_CLASSES),
+    )
+
+
+class TokenClassifier(nn.Module):
+    def __init__(self, vocab: int = 1000, seq_len: int = 16, d_model: int = 128, layers: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.zeros(1, seq_len, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=2 * d_model, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, NUM_CLASSES)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens) + self.pos).mean(1))
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    batch_size: int
+    make_model: Callable[[], nn.Module]
+    make_inputs: Callable[[int, torch.Generator], Tensor]
+
+
+def _images(n: int, g: torch.Generator) -> Tensor:
+    return torch.randn(n, 3, 32, 32, generator=g)
+
+
+def _tokens(n: int, g: torch.Generator) -> Tensor:
+    return torch.randint(0, 1000, (n, 16), generator=g)
+
+
+WORKLOADS = {
+    "mlp": Workload("MLP 784-512-512-10, batch 128", 128,
+                    lambda: nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)),
+                    lambda n, g: torch.randn(n, 784, generator=g)),
+    "cnn": Workload("residual CNN 3x32x32, batch 64", 64, make_cnn, _images),
+    "transformer": Workload("Transformer encoder 4x128, batch 32, seq 16", 32, TokenClassifier, _tokens),
+}
+
+
+def make_dataset(workload: Workload, steps_per_epoch: int, seed: int = 0) -> TensorDataset:
+    """Synthetic inputs; labels = argmax of a seeded random teacher network (learnable, about balanced)."""
+    g = torch.Generator().manual_seed(seed)
+    x = workload.make_inputs(steps_per_epoch * workload.batch_size, g)
+    torch.manual_seed(seed + 1)
+    teacher = workload.make_model().eval()
+    with torch.no_grad():
+        y = torch.cat([teacher(x[i : i + 512]).argmax(-1) for i in range(0, len(x), 512)])
+    return TensorDataset(x, y)
+
+
+class BenchModule(pl.LightningModule):
+    """A plain user module: ``training_step`` returns the loss only (logits are captured from ``forward``)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.anchor_grad_norm = False
+        self.last_forward_s = 0.0
+        self.sync_cuda = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        if self.sync_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = self(x)
+        if self.sync_cuda:
+            torch.cuda.synchronize()
+        self.last_forward_s = time.perf_counter() - t0
+        loss = F.cross_entropy(logits, y)
+        self.log("train_loss", loss)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.anchor_grad_norm:  # Lightning's documented recipe
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ configurations
+def introspect_kwargs(config: str) -> Optional[dict[str, Any]]:
+    """Keyword arguments of ``Introspect`` for a configuration; None for the anchors."""
+    return {
+        "defaults": {},
+        "defaults, no ids": {"sample_dynamics": False},
+        "unsampled only, no ids": {"every_n_steps": 10**9, "warmup_steps": 0, "sample_dynamics": False},
+        "everything, every step": {
+            "every_n_steps": 1, "warmup_steps": 0, "histograms": True, "param_grad_norms": True,
+            "dead_units": True, "update_ratios": True, "activations": True, "grad_norms": True,
+        },
+        "budget 1 %": {"overhead_budget": 0.01},
+        "budget 5 %": {"overhead_budget": 0.05},
+    }.get(config)
+
+
+CONFIGS = ["defaults", "defaults, no ids", "unsampled only, no ids", "everything, every step", "budget 1 %", "budget 5 %",
+           "anchor: Lightning grad_norm", "anchor: naive .item() hooks"]
+QUICK_CONFIGS = ["defaults", "unsampled only, no ids", "everything, every step", "budget 5 %"]
+TARGETS = {  # (workload, config) -> maximum median ratio
+    ("cnn", "defaults"): 1.02, ("transformer", "defaults"): 1.02, ("mlp", "defaults"): 1.05,
+    ("cnn", "everything, every step"): 1.25, ("transformer", "everything, every step"): 1.25,
+}
+MEMORY_TARGET_MB = 30.0
+_WATCHED = (nn.Linear, nn.Conv2d, nn.ReLU)
+
+
+class NaiveActivationStats(pl.Callback):
+    """The anchor: forward hooks that read mean/std with ``.item()`` every step and write them right away."""
+
+    def __init__(self, log_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir)
+        self.handles: list[Any] = []
+        self.step = 0
+
+    def attach(self, module: nn.Module) -> None:
+        for name, m in module.named_modules():
+            if isinstance(m, _WATCHED):
+                self.handles.append(m.register_forward_hook(self._hook(name)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+            out = output.detach()
+            self.writer.add_scalar(f"{name}/mean", out.mean().item(), self.step)
+            self.writer.add_scalar(f"{name}/std", out.std().item(), self.step)
+
+        return hook
+
+
+class _TrainerView:
+    """The Trainer as one configuration sees it: its own step count (it only runs in its own blocks)."""
+
+    def __init__(self, trainer: Any, step: int) -> None:
+        self._trainer = trainer
+        self.global_step = step
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+
+class Switch(pl.Callback):
+    """Forwards the Trainer's hooks to the active configuration's ``Introspect`` and times the forwarded calls.
+
+    Each configuration sees its own step count (``global_step`` of a :class:`_TrainerView`), so its run
+    looks contiguous to it: warm-up, sampling interval and budget measurements as in a real fit. With
+    nothing active the switch does nothing, so an "off" step is a bare step (no hooks, no per-step work).
+    """
+
+    def __init__(self, instances: dict[str, Any]) -> None:
+        self.instances = instances
+        self.steps = {name: 0 for name in instances}
+        self.active: Optional[str] = None
+        self.callback_s = 0.0
+        self.epoch_end_s: list[float] = []
+
+    def activate(self, name: Optional[str]) -> None:
+        if name in self.instances and name != self.active:
+            self.instances[name].core.schedule.pause()  # the gap since its last block is not a step of its own
+        self.active = name if name in self.instances else None
+
+    def _view(self, trainer: Any) -> Any:
+        assert self.active is not None
+        return _TrainerView(trainer, self.steps[self.active])
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for inst in self.instances.values():
+            inst.setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        for inst in self.instances.values():
+            inst.on_train_start(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.active is not None:
+            t0 = time.perf_counter()
+            self.instances[self.active].on_train_batch_start(self._view(trainer), pl_module, batch, batch_idx)
+            self.callback_s += time.perf_counter() - t0
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.active is not None:
+            t0 = time.perf_counter()
+            self.instances[self.active].on_before_optimizer_step(self._view(trainer), pl_module, optimizer)
+            self.callback_s += time.perf_counter() - t0
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.active is not None:
+            t0 = time.perf_counter()
+            self.instances[self.active].on_train_batch_end(self._view(trainer), pl_module, outputs, batch, batch_idx)
+            self.callback_s += time.perf_counter() - t0
+            self.steps[self.active] += 1
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        for name, inst in self.instances.items():
+            if inst.core is not None and inst._dynamics and self.steps[name] > 0:
+                t0 = time.perf_counter()
+                inst.on_train_epoch_end(_TrainerView(trainer, self.steps[name]), pl_module)
+                inst.core.writer.drain()  # its background work is timed here, not spilled into the next steps
+                if name == "defaults":
+                    self.epoch_end_s.append(time.perf_counter() - t0)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for inst in self.instances.values():
+            inst.teardown(trainer, pl_module, stage)
+
+
+@dataclass
+class Step:
+    config: Optional[str]  # None = off
+    own_step: int  # the configuration's own step count (its warm-up is left out of the figures)
+    segment: int  # which quarter of the run
+    seconds: float
+    forward_s: float
+    sampled: bool
+    callback_s: float
+
+
+class Controller(pl.Callback):
+    """First callback: switches configurations at block starts and starts each step's clock."""
+
+    def __init__(self, plan: list[Optional[str]], block: int, switch: Switch, naive: NaiveActivationStats,
+                 sync_cuda: bool) -> None:
+        self.plan, self.block, self.switch, self.naive, self.sync_cuda = plan, block, switch, naive, sync_cuda
+        self.config: Optional[str] = None
+        self.anchor_steps: dict[str, int] = {}
+        self.t0 = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.block == 0:
+            config = self.plan[min(step // self.block, len(self.plan) - 1)]
+            if config != self.config:
+                self.naive.detach()
+                pl_module.anchor_grad_norm = config == "anchor: Lightning grad_norm"
+                if config == "anchor: naive .item() hooks":
+                    self.naive.attach(pl_module.net)
+                self.switch.activate(config)
+                self.config = config
+        self.naive.step = step
+        self.switch.callback_s = 0.0
+        if self.sync_cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+
+class Tail(pl.Callback):
+    """Last callback: stops each step's clock and records the step."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+        self.steps: list[Step] = []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.c.sync_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self.c.t0
+        c, sw = self.c.config, self.c.switch
+        if c in sw.instances:
+            own, sampled = sw.steps[c] - 1, bool(sw.instances[c].core.sampled)
+        else:
+            own = self.c.anchor_steps.get(c or "", 0)
+            self.c.anchor_steps[c or ""] = own + 1
+            sampled = c == "anchor: naive .item() hooks"
+        segment = 4 * (trainer.global_step - 1) // (len(self.c.plan) * self.c.block)
+        self.steps.append(Step(c, own, min(segment, 3), dt, pl_module.last_forward_s, sampled, sw.callback_s))
+
+
+def make_plan(configs: list[str], steps_per_config: int, block: int, burn_in: int) -> list[Optional[str]]:
+    """Blocks: burn-in off blocks, then off c1 off c2 ... off cN, repeated (order reversed every other round)."""
+    plan: list[Optional[str]] = [None] * burn_in
+    for r in range(max(steps_per_config // block, 1)):
+        for c in (configs if r % 2 == 0 else configs[::-1]):
+            plan += [None, c]
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ timing run
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def robust_seconds(steps: list[Step]) -> float:
+    """Total time of these steps, robust to bursts of load from other jobs: per kind of step (a sampled step
+    or the one after it, which carries its flush; the rest) the count times the median time of that kind.
+    A kind with at most 5 steps enters with its plain sum."""
+    total = 0.0
+    hot_flags, prev = [], False
+    for s in steps:
+        hot_flags.append(s.sampled or prev)
+        prev = s.sampled
+    for kind in (True, False):
+        times = [s.seconds for s, h in zip(steps, hot_flags) if h == kind]
+        if times:
+            total += sum(times) if len(times) <= 5 else len(times) * statistics.median(times)
+    return total
+
+
+def slowdown(on: list[Step], off: list[Step]) -> float:
+    if not on or not off:
+        return float("nan")
+    return (robust_seconds(on) / len(on)) / statistics.median(s.seconds for s in off)
+
+
+def time_workload(key: str, configs: list[str], steps_per_config: int, block: int, device: str,
+                  root: Path) -> dict[str, Any]:
+    from lightning_introspect import Introspect, WithIndex
+
+    workload = WORKLOADS[key]
+    torch.manual_seed(0)
+    steps_per_epoch = 4 * BLOCK
+    data = WithIndex(make_dataset(workload, steps_per_epoch))
+    g = torch.Generator().manual_seed(1)
+    loader = DataLoader(data, batch_size=workload.batch_size, shuffle=True, generator=g, drop_last=True)
+    torch.manual_seed(0)
+    module = BenchModule(workload.make_model())
+    module.sync_cuda = device == "cuda"
+    instances = {c: Introspect(**kw) for c in configs if (kw := introspect_kwargs(c)) is not None}
+    switch = Switch(instances)
+    naive = NaiveActivationStats(str(root / f"{key}-naive"))
+    burn_in = max(2, 30 // block)
+    plan = make_plan(configs, steps_per_config, block, burn_in)
+    controller = Controller(plan, block, switch, naive, device == "cuda")
+    tail = Tail(controller)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=len(plan) * block,
+        max_epochs=10**6, callbacks=[controller, switch, tail],
+        logger=TensorBoardLogger(str(root), name=key), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, loader)
+    wall = time.perf_counter() - t0
+    naive.writer.close()
+    steps = tail.steps[burn_in * block :]
+    off = [s for s in steps if s.config is None]
+    rows = {}
+    for c in configs:
+        on = [s for s in steps if s.config == c and s.own_step >= block]  # its first block: warm-up, left out
+        if not on:
+            continue
+        segs = [slowdown([s for s in on if s.segment == k], [s for s in off if s.segment == k]) for k in range(4)]
+        segs = [r for r in segs if math.isfinite(r)]
+        fwd_cold = [s.forward_s for s in on if not s.sampled] or [s.forward_s for s in off]
+        base_fwd = statistics.median(fwd_cold)
+        total = sum(s.seconds for s in on)
+        q1, _, q3 = quartiles(segs)
+        row: dict[str, Any] = {
+            "ratio": slowdown(on, off), "q1": q1, "q3": q3, "min": min(segs), "max": max(segs), "n": len(on),
+            "on_ms": robust_seconds(on) / len(on) * 1e3, "sampled": sum(s.sampled for s in on),
+            "callback": sum(s.callback_s for s in on) / total,
+            "hooks": sum(max(s.forward_s - base_fwd, 0.0) for s in on if s.sampled) / total,
+        }
+        inst = instances.get(c)
+        if inst is not None and inst.config.overhead_budget is not None:
+            later = [s for s in on if s.own_step >= max(s.own_step for s in on) // 3]
+            row["budget"] = inst.config.overhead_budget
+            row["aggregate"] = slowdown(later, off)
+            row["interval"] = inst.core.schedule.interval
+            row["estimate"] = inst.core.schedule.expected_overhead()
+        rows[c] = row
+    return {"key": key, "name": workload.name, "off_ms": statistics.median(s.seconds for s in off) * 1e3,
+            "rows": rows, "wall_s": wall, "block": block,
+            "epoch_end_ms": statistics.median(switch.epoch_end_s) * 1e3 if switch.epoch_end_s else None,
+            "steps_per_epoch": steps_per_epoch}
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_child(key: str, config: str, steps: int, device: str, root: str) -> None:
+    """Runs in a fresh process: trains ``steps`` steps with one configuration, prints peak RSS as JSON."""
+    torch.set_num_threads(1)
+    workload = WORKLOADS[key]
+    steps_per_epoch = 4 * BLOCK
+    callbacks: list[Any] = []
+    if config != "bare":
+        from lightning_introspect import Introspect
+
+        callbacks.append(Introspect(**(introspect_kwargs(config) or {})))
+    from lightning_introspect.core.samples import WithIndex
+
+    data = WithIndex(make_dataset(workload, steps_per_epoch))
+    loader = DataLoader(data, batch_size=workload.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(1), drop_last=True)
+    torch.manual_seed(0)
+    module = BenchModule(workload.make_model())
+    peak: dict[str, float] = {}
+
+    class Peak(pl.Callback):
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            peak["train"] = _peak_rss_mb()
+            if device == "cuda":
+                peak["cuda"] = torch.cuda.max_memory_allocated() / 2**20
+
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps, callbacks=[*callbacks, Peak()],
+        logger=TensorBoardLogger(root, name=f"mem-{key}"), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader)
+    peak["after_fit"] = _peak_rss_mb()
+    print(json.dumps(peak))
+
+
+def measure_memory(key: str, configs: list[str], steps: int, device: str, root: Path) -> dict[str, dict[str, float]]:
+    out = {}
+    for config in ["bare", *configs]:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", key, config, str(steps), "--device", device,
+             "--root", str(root)],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory run {key}/{config} failed:\n{proc.stderr[-3000:]}")
+        out[config] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace,
+           total_s: float) -> str:
+    lines = [
+        "# Overhead of `Introspect` against a bare run",
+        "",
+        f"Command: `python benchmarks/overhead.py{' --quick' if args.quick else ''}"
+        f"{' --device ' + args.device if args.device != 'cpu' else ''}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
+        f"jobs), torch {torch.__version__} with 1 thread, lightning {pl.__version__}, Python "
+        f"{platform.python_version()}, device `{args.device}`; total {total_s:.0f} s.  ",
+        f"Blocks of {results[0]['block']} steps alternate bare and on; ms/step and ratio are pooled over the run "
+        "(per kind of step, sampled+next vs. the rest: count x median time; over the median bare step); IQR and "
+        "min-max: the same ratio in each quarter of the run; 'in callback' / 'in hooks': share of the on steps' "
+        "time spent in the forwarded callback calls / in forward hooks (sampled forward minus median forward).",
+        "",
+        "Steps per configuration (on steps, bare steps as many): "
+        + ", ".join(f"{r['key']} {r['steps_per_config']}" for r in results) + ".",
+        "",
+        "| workload | configuration | ms/step | ratio | IQR | min-max | in callback | in hooks | target | met |",
+        "|:--|:--|--:|--:|:--|:--|--:|--:|:--|:--|",
+    ]
+    for res in results:
+        lines.append(f"| {res['name']} | bare | {res['off_ms']:.1f} | 1 | | | | | | |")
+        for c, r in res["rows"].items():
+            target = TARGETS.get((res["key"], c))
+            met = "" if target is None else ("yes" if r["ratio"] <= target else "**no**")
+            if c == "unsampled only, no ids":  # "indistinguishable from bare": within 1 % and the spread covers 1
+                target_s, met = "~1.00", "yes" if r["ratio"] <= 1.01 or (r["min"] <= 1.0 and r["ratio"] <= 1.02) else "**no**"
+            else:
+                target_s = "" if target is None else f"<= {target:.2f}x"
+            lines.append(
+                f"| | {c} | {r['on_ms']:.1f} | {r['ratio']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | "
+                f"{r['min']:.3f}-{r['max']:.3f} | {_pct(r['callback'])} | {_pct(r['hooks'])} | {target_s} | {met} |"
+            )
+    lines += ["", "Budget mode (achieved = the pooled ratio - 1 over the configuration's steps after the first third "
+              "of its run, i.e. after warm-up; the target is within 1 percentage point of the budget):", "",
+              "| workload | budget | achieved | whole run | interval chosen | schedule's estimate | met |",
+              "|:--|--:|--:|--:|--:|--:|:--|"]
+    for res in results:
+        for c, r in res["rows"].items():
+            if "budget" in r:
+                achieved = r["aggregate"] - 1
+                est = "" if r["estimate"] is None else _pct(r["estimate"])
+                met = "yes" if abs(achieved - r["budget"]) <= 0.01 else "**no**"
+                lines.append(f"| {res['name']} | {_pct(r['budget'])} | {_pct(achieved)} | {_pct(r['ratio'] - 1)} | "
+                             f"{r['interval']} | {est} | {met} |")
+    lines += ["", "Epoch end (per-example folding, `samples.npz`, data map; drained, so background work is included), "
+              "once per epoch:", ""]
+    for res in results:
+        if res["epoch_end_ms"] is not None:
+            epoch_ms = res["off_ms"] * res["steps_per_epoch"]
+            lines.append(f"- {res['name']}: {res['epoch_end_ms']:.0f} ms per epoch end = "
+                         f"{_pct(res['epoch_end_ms'] / epoch_ms)} of a {res['steps_per_epoch']}-step epoch")
+    if memory:
+        lines += ["", f"Peak memory (VmHWM at the end of training, fresh process each; target <= {MEMORY_TARGET_MB:.0f} MB "
+                  "over bare at defaults; the last column includes teardown, which writes the report files):", "",
+                  "| workload | configuration | peak RSS MB | over bare MB | met | after fit, over bare MB |",
+                  "|:--|:--|--:|--:|:--|--:|"]
+        for key, per in memory.items():
+            bare = per["bare"]
+            for config, m in per.items():
+                delta = m["train"] - bare["train"]
+                met = "" if config != "defaults" else ("yes" if delta <= MEMORY_TARGET_MB else "**no**")
+                after = m["after_fit"] - bare["after_fit"]
+                d1, d2 = ("", "") if config == "bare" else (f"{delta:+.1f}", f"{after:+.1f}")
+                lines.append(f"| {WORKLOADS[key].name} | {config} | {m['train']:.0f} | {d1} | {met} | {d2} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and workloads' steps (< 2 minutes)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--configs", nargs="*", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--steps", type=int, default=None, help="on steps per configuration (default per workload)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown report to this file")
+    parser.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "CONFIG", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    if args.memory_child:
+        key, config, steps = args.memory_child
+        memory_child(key, config, int(steps), args.device, args.root)
+        return
+    torch.set_num_threads(1)
+    if args.quick and args.configs == CONFIGS:
+        args.configs = QUICK_CONFIGS
+    t_start = time.perf_counter()
+    results, memory = [], {}
+    with tempfile.TemporaryDirectory(prefix="introspect-overhead-") as tmp:
+        root = Path(tmp)
+        for key in args.workloads:
+            n = args.steps or (STEPS[key] // 4 if args.quick else STEPS[key])
+            res = time_workload(key, list(args.configs), n, STEP_BLOCK, args.device, root)
+            res["steps_per_config"] = n
+            print(f"[{key}] {res['wall_s']:.0f} s, bare {res['off_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+            results.append(res)
+        if not args.no_memory:
+            for key in args.workloads[:1] if args.quick else args.workloads:
+                memory[key] = measure_memory(key, ["defaults"], 4 * BLOCK + 10, args.device, root)
+    report = render(results, memory, args, time.perf_counter() - t_start)
+    print(report)
+    if args.out is not None:
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
