@@ -47,6 +47,7 @@ from ..sinks.base import AsyncWriter
 F = TypeVar("F", bound=Callable[..., Any])
 _EDGES = histogram_edges()
 DIAGNOSE_STEPS = 3
+EXTRAS_DUTY = 0.05
 
 
 def _timed(fn: F) -> F:
@@ -165,6 +166,9 @@ class Introspector:
         self._records: Optional[dict[str, np.ndarray]] = None
         self._prev_forgets: Optional[np.ndarray] = None
         self._pending_state: Optional[dict[str, Any]] = None
+        self._steps_since_flush = 0
+        self._extras_cost = 0.0  # seconds the last epoch-end picture + suspects table took (writer thread)
+        self._extras_done = -math.inf
         self.threshold_ids: Optional[np.ndarray] = None  # AUM threshold samples (ThresholdSamples), if any
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -188,6 +192,7 @@ class Introspector:
         self.schedule.tick(sampled, own_seconds=own)
         self.sampled = sampled
         self.step_index = step
+        self._steps_since_flush += 1
         if sampled:
             if self._pending != step and self._diagnose > 0:
                 self._diagnose -= 1
@@ -268,7 +273,10 @@ class Introspector:
         except ValueError as err:
             if self._batches_ok == 0:
                 raise
-            self.writer.alert(f"lightning_introspect skipped a batch at step {self.step_index}: {err}", RuntimeWarning)
+            self.writer.alert(
+                f"lightning_introspect skipped a batch at step {self.step_index}: {err}", RuntimeWarning,
+                key=f"skipped:{str(err)[:60]}",
+            )
             return
         if fig is None:
             return
@@ -364,9 +372,12 @@ class Introspector:
     # ------------------------------------------------------------------------------------------------ flush
     @_timed
     def flush(self) -> None:
-        """Flushes the pending sampled step now (normally done when the next step begins)."""
+        """Flushes the pending sampled step now (normally done when the next step begins); with none pending,
+        still reads the bad-input and non-finite-loss counters of the steps since the last flush."""
         if self._pending is not None:
             self._flush()
+        elif self._steps_since_flush > 0:
+            self._flush(counters_only=True)
 
     def _device(self) -> torch.device:
         for st in self.layer_stats.values():
@@ -376,12 +387,13 @@ class Introspector:
             return self._params[0].device
         return torch.device("cpu")
 
-    def _flush(self) -> None:
-        step = self._pending
+    def _flush(self, counters_only: bool = False) -> None:
+        step = self.step_index if counters_only else self._pending
         assert step is not None
         self._pending = None
+        self._steps_since_flush = 0
         cfg = self.config
-        layers = [(n, st) for n, st in sorted(self.layer_stats.items()) if st.allocated]
+        layers = [] if counters_only else [(n, st) for n, st in sorted(self.layer_stats.items()) if st.allocated]
         grad = self.grad
         with allow_sync():
             device = self._device()
@@ -413,8 +425,9 @@ class Introspector:
                 out += [st.sums, st.mins.double(), st.fired.double(), st.hist,
                         torch.stack([(st.streak >= w).sum().double(), torch.div(st.streak, w, rounding_mode="floor").max().double()])]
             out += [counts, extra, interval.double()]
-            grad_layers = sorted(grad.observed_layers()) if grad.observed else []
-            if grad.observed:
+            grad_observed = grad.observed and not counters_only
+            grad_layers = sorted(grad.observed_layers()) if grad_observed else []
+            if grad_observed:
                 assert grad.grad_sq is not None and grad.weight_sq is not None and grad.update_sq is not None
                 out += [grad.grad_sq, grad.weight_sq, grad.update_sq]
                 if cfg.param_grad_norms:
@@ -428,18 +441,22 @@ class Introspector:
             "step": step,
             "layers": [(n, st.units, st.count > 0, self._windows(st)) for n, st in layers],
             "grad_layers": grad_layers,
-            "grad_observed": grad.observed,
-            "grad_updated": grad.updated,
-            "param_positions": sorted(grad.observed_params) if grad.observed and cfg.param_grad_norms else [],
+            "grad_observed": grad_observed,
+            "grad_updated": grad.updated and not counters_only,
+            "param_positions": sorted(grad.observed_params) if grad_observed and cfg.param_grad_norms else [],
             "order": list(self.hooks.order),
             "reduced": reduced,
-            "histogram": self.hooks.histogram,
+            "histogram": self.hooks.histogram and not counters_only,
+            "counters_only": counters_only,
+            "interval": self.schedule.interval,
+            "overhead": self.schedule.expected_overhead(),
         }
         for _, st in layers:
             st.reset()
             st.windows_seen += 1
-        grad.reset()
-        self.samples_flushed += 1
+        if not counters_only:
+            grad.reset()
+            self.samples_flushed += 1
         self._submit(lambda: self._write_flush(host, meta))
 
     @staticmethod
@@ -534,11 +551,13 @@ class Introspector:
                 pg = data[off : off + P]; off += P
                 for i in meta["param_positions"]:
                     scalars[f"param_grad_norm/{self.grad.param_names[i]}"] = math.sqrt(pg[i])
-        scalars["introspect/interval"] = float(self.schedule.interval)
-        overhead = self.schedule.expected_overhead()
-        if overhead is not None:
-            scalars["introspect/overhead"] = overhead
         self._main(lambda: self._after_flush(interval))
+        if meta["counters_only"]:  # an epoch end or close with no sampled step pending: alerts only
+            self._alerts_for_flush(step, meta, extra, nonfinite_layers, scalars)
+            return
+        scalars["introspect/interval"] = float(meta["interval"])
+        if meta["overhead"] is not None:
+            scalars["introspect/overhead"] = meta["overhead"]
         self._alerts_for_flush(step, meta, extra, nonfinite_layers, scalars)
         for sink in self.sinks:
             if not self._layout_written and hasattr(sink, "add_layout"):
@@ -590,7 +609,7 @@ class Introspector:
                 bad_layers = [k.split("/", 1)[1] for k, v in scalars.items() if k.startswith("grad_norm/") and not math.isfinite(v) and k != "grad_norm/global"]
                 parts.append(f"non-finite gradients in {bad_layers[:5]}")
             message = f"lightning_introspect: non-finite values at step {step}: " + "; ".join(parts) + ". Training goes on."
-            self.writer.alert(message, RuntimeWarning)
+            self.writer.alert(message, RuntimeWarning, key="nonfinite")
             for sink in self.sinks:
                 sink.add_text("alerts/nonfinite", message, step)
             if first is None:
@@ -603,7 +622,7 @@ class Introspector:
                 f"a batch and lie in [0, {n}); targets in [0, num_classes)). Those rows were left out; check the "
                 "sampler and `WithIndex`."
             )
-            self.writer.alert(message, RuntimeWarning)
+            self.writer.alert(message, RuntimeWarning, key="bad_input:" + ",".join(sorted(problems)))
             for sink in self.sinks:
                 sink.add_text("alerts/bad_input", message, step)
 
@@ -670,10 +689,14 @@ class Introspector:
             scalars["samples/forgotten_fraction"] = float((forgets > 0).sum() / n_seen)
         self._prev_forgets = forgets
         suspects = None
+        # The data map and the suspects table cost real time on large sets or tiny epochs: they are refreshed
+        # only while they take at most EXTRAS_DUTY of the wall time since the previous refresh.
+        t0 = time.monotonic()
+        extras = t0 - self._extras_done >= self._extras_cost / EXTRAS_DUTY
         try:
             from .scoring import find_label_issues
 
-            if meta["task"] != "regression":
+            if meta["task"] != "regression" and extras:
                 suspects = find_label_issues(records, threshold_ids=self.threshold_ids)
                 scalars["samples/flagged_fraction"] = float(suspects.flagged.sum() / n_seen)
         except NotImplementedError:
@@ -692,6 +715,9 @@ class Introspector:
                 except (ImportError, NotImplementedError):
                     pass
             sink.flush()
+        if extras:
+            self._extras_done = time.monotonic()
+            self._extras_cost = self._extras_done - t0
         if self.on_scalars is not None:
             cb = self.on_scalars
             self._main(lambda: cb(scalars, step))

@@ -41,7 +41,7 @@ class AsyncWriter:
 
     def __init__(self, max_pending: int = 256, name: str = "lightning-introspect-writer") -> None:
         self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue(maxsize=max_pending)
-        self._alerts: Deque[tuple[str, type]] = deque()
+        self._alerts: Deque[tuple[str, type, str]] = deque()
         self._main_thread_jobs: Deque[Callable[[], None]] = deque()
         self._warned: set[str] = set()
         self.dropped = 0
@@ -60,9 +60,10 @@ class AsyncWriter:
                     "often (`every_n_steps`) or log fewer statistics.", RuntimeWarning,
                 )
 
-    def alert(self, message: str, category: type = UserWarning) -> None:
-        """Queues a warning for the training thread (thread-safe)."""
-        self._alerts.append((message, category))
+    def alert(self, message: str, category: type = UserWarning, *, key: Optional[str] = None) -> None:
+        """Queues a warning for the training thread (thread-safe). Warnings with the same ``key`` (default: the
+        message's start) are raised once; later ones are dropped (TensorBoard's alert texts keep every event)."""
+        self._alerts.append((message, category, key or message[:80]))
 
     def on_main_thread(self, job: Callable[[], None]) -> None:
         """Queues a job (e.g. forwarding scalars to a Lightning logger) for the next poll on the training thread."""
@@ -71,8 +72,7 @@ class AsyncWriter:
     def poll(self) -> None:
         """On the training thread: emit pending warnings and run main-thread jobs. Cheap when there are none."""
         while self._alerts:
-            message, category = self._alerts.popleft()
-            key = message[:80]
+            message, category, key = self._alerts.popleft()
             if key not in self._warned:
                 self._warned.add(key)
                 warnings.warn(message, category, stacklevel=2)
