@@ -32,6 +32,7 @@ class IntrospectConfig:
     histograms: bool = True
     histogram_every_n_samples: int = 1
     max_histogram_elements: int = 1 << 14
+    max_stat_elements: int = 1 << 16
     dead_units: bool = True
     dead_threshold: float = 0.0
     dead_window: int = 4
@@ -48,7 +49,7 @@ class IntrospectConfig:
 
     def __post_init__(self) -> None:
         for name in ("every_n_steps", "max_rows", "histogram_every_n_samples", "max_histogram_elements",
-                     "dead_window", "max_interval"):
+                     "max_stat_elements", "dead_window", "max_interval"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {v!r}.")

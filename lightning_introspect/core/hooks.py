@@ -102,6 +102,7 @@ class HookSet:
         self.config = config
         self.on_skip = on_skip
         self.histogram = config.histograms
+        self.dead_layers: Optional[set[str]] = None  # layers whose units are judged; None: not decided yet, all
         self.order: list[str] = []
         self._handles: list[RemovableHandle] = []
         self._last_unit_dim = -1
@@ -160,9 +161,10 @@ class HookSet:
                 self._last_unit_dim = fixed_unit_dim
             if name not in self.order:
                 self.order.append(name)
+            dead = cfg.dead_units and (self.dead_layers is None or name in self.dead_layers)
             ok = st.update(
-                x, moments=cfg.activations, dead=cfg.dead_units, histogram=self.histogram,
-                max_hist_elements=cfg.max_histogram_elements,
+                x, moments=cfg.activations, dead=dead, histogram=self.histogram,
+                max_hist_elements=cfg.max_histogram_elements, max_stat_elements=cfg.max_stat_elements,
             )
             if not ok:
                 self.on_skip(name, f"changed its number of units (now {tuple(x.shape)})")

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import dist
 from ._sync import allow_sync
-from .config import IntrospectConfig
+from .config import ACTIVATION_TYPES, IntrospectConfig
 from .hooks import HookSet, plain_name, select_layers
 from .samples import BAD_INPUT_NAMES, PerSampleStore, classification_figures, sequence_figures
 from .schedule import SamplingSchedule
@@ -166,6 +166,7 @@ class Introspector:
         self._records: Optional[dict[str, np.ndarray]] = None
         self._prev_forgets: Optional[np.ndarray] = None
         self._pending_state: Optional[dict[str, Any]] = None
+        self._dead_layers: Optional[set[str]] = None
         self._steps_since_flush = 0
         self._extras_cost = 0.0  # seconds the last epoch-end picture + suspects table took (writer thread)
         self._extras_done = -math.inf
@@ -448,6 +449,7 @@ class Introspector:
             "reduced": reduced,
             "histogram": self.hooks.histogram and not counters_only,
             "counters_only": counters_only,
+            "dead_layers": self._judged_dead_layers(),
             "interval": self.schedule.interval,
             "overhead": self.schedule.expected_overhead(),
         }
@@ -524,9 +526,9 @@ class Introspector:
                 scalars[f"activation_max/{name}"] = float(-info["mins"][1])
                 scalars[f"activation_zero_fraction/{name}"] = zeros / count
                 scalars[f"activation_nonfinite/{name}"] = nonfinite
-                if nonfinite > 0 or not math.isfinite(mean):
+                if nonfinite > 0 or not all(map(math.isfinite, (mean, *info["mins"]))):
                     nonfinite_layers.append(name)
-            if cfg.dead_units and info["windows"] >= cfg.dead_window and info["units"]:
+            if cfg.dead_units and info["windows"] >= cfg.dead_window and info["units"] and name in meta["dead_layers"]:
                 dead_count, dead_windows = info["dead"]
                 scalars[f"dead_fraction/{name}"] = dead_count / info["units"]
                 scalars[f"dead_count/{name}"] = dead_count
@@ -625,6 +627,26 @@ class Introspector:
             self.writer.alert(message, RuntimeWarning, key="bad_input:" + ",".join(sorted(problems)))
             for sink in self.sinks:
                 sink.add_text("alerts/bad_input", message, step)
+
+    def _judged_dead_layers(self) -> set[str]:
+        """Layers whose units are judged dead or alive (decided at the first flush, from the forward order).
+
+        With activation modules selected, only they are judged (the layer before each would repeat the same
+        units). Without any (functional activations), the weight layers are judged on their pre-activation,
+        except the last one in forward order: it gives the logits, which no activation follows. Layers picked
+        by name with ``layers=`` are all judged.
+        """
+        if self._dead_layers is None and self.hooks.order:
+            names = [n for n, _ in self.layers]
+            if self.config.layers is not None:
+                judged = set(names)
+            else:
+                acts = {n for n, m in self.layers if isinstance(m, ACTIVATION_TYPES)}
+                order = self.hooks.order
+                judged = acts or (set(order[:-1]) if len(order) > 1 else set(order))
+            self._dead_layers = judged
+            self.hooks.dead_layers = judged
+        return self._dead_layers or set()
 
     def _start_diagnosis(self) -> None:
         self._diagnose = DIAGNOSE_STEPS

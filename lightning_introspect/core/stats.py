@@ -103,8 +103,19 @@ class LayerStats:
         return self.sums is not None
 
     @torch.no_grad()
-    def update(self, x: Tensor, *, moments: bool, dead: bool, histogram: bool, max_hist_elements: int) -> bool:
-        """Folds ``x`` (batch first) in. Returns False, doing nothing, when its unit count changed."""
+    def update(
+        self, x: Tensor, *, moments: bool, dead: bool, histogram: bool, max_hist_elements: int,
+        max_stat_elements: int = 1 << 16,
+    ) -> bool:
+        """Folds ``x`` (batch first) in. Returns False, doing nothing, when its unit count changed.
+
+        Every element is read twice: once for the exact minimum and maximum (NaN/Inf show up there, so a
+        non-finite value is never missed) and once for each unit's maximum (dead units). Mean, standard
+        deviation, the fraction of zeros and the non-finite count are taken on a strided subsample of at
+        most ``max_stat_elements`` elements, the histogram on at most ``max_hist_elements``: past a few
+        ten thousand values more elements change these figures less than the step-to-step noise, and the
+        cost of a sampled step stays bounded whatever the layer's size.
+        """
         if x.ndim == 0 or x.numel() == 0:
             return True
         units = x.shape[self.unit_dim % x.ndim]
@@ -113,31 +124,35 @@ class LayerStats:
         elif units != self.units:
             return False
         assert self.sums is not None and self.mins is not None and self.fired is not None and self.hist is not None
-        xf = x.float()
+        self.calls += 1
+        numel = x.numel()
+        flat = x.reshape(-1)
+        if numel > max_stat_elements:
+            flat = flat[:: -(-numel // max_stat_elements)]  # strided subsample: a view, no copy
+        xf = flat.float()
         n = xf.numel()
         self.count += n
-        self.calls += 1
         if moments:
+            lo, hi = torch.aminmax(x)
+            torch.minimum(self.mins, torch.stack([lo, -hi]).float(), out=self.mins)
             # Plain sums, not torch.var_mean (several times slower than a conv on CPU); the squares are of
             # x - c with c one of the values (a device scalar, never read), so that the fp32 sum of squares
-            # keeps the variance when |mean| >> std; shifted back in float64. x - x is NaN exactly where x is NaN or +/-inf, so
-            # count_nonzero (fast on an all-zero tensor) counts the non-finite values.
+            # keeps the variance when |mean| >> std; shifted back in float64. x - x is NaN exactly where x
+            # is NaN or +/-inf, so count_nonzero (fast on an all-zero tensor) counts the non-finite values.
             zeros = (xf.abs() <= self.zero_threshold).sum()  # not count_nonzero(x): branchy, slow on ReLU output
             nonfinite = torch.count_nonzero(xf - xf)
-            c = xf.reshape(-1)[:1]
+            c = xf[:1]
             d = xf - c
             s1, s2, c64 = xf.sum().double(), d.square().sum().double(), c.double().squeeze(0)
             upd = torch.stack([s1, s2 + (2 * s1 - n * c64) * c64, zeros.double(), nonfinite.double()])
             self.sums.add_(upd)
-            lo, hi = torch.aminmax(xf)
-            torch.minimum(self.mins, torch.stack([lo, -hi]), out=self.mins)
         if dead:
-            self.fired.add_((unit_amax(xf, self.unit_dim) > self.dead_threshold).float())
+            self.fired.add_((unit_amax(x, self.unit_dim) > self.dead_threshold).float())
         if histogram:
-            flat = xf.reshape(-1)
+            hflat = xf
             if n > max_hist_elements:
-                flat = flat[:: -(-n // max_hist_elements)]  # strided subsample: a view, no copy
-            histogram_counts(flat, self.hist)
+                hflat = xf[:: -(-n // max_hist_elements)]
+            histogram_counts(hflat, self.hist)
         return True
 
     def reset(self) -> None:

@@ -83,13 +83,40 @@ def test_dead_fraction_is_exactly_one_quarter_after_dead_window(inplace: bool, w
     """Test that Linear(3,4) with bias (-10,1,1,1) has dead fraction exactly 0.25 once ``dead_window`` steps passed."""
     g = torch.Generator().manual_seed(1)
     batches = [[unit_inputs(16, g)] for _ in range(window + 2)]
-    scalars = run_forwards(DeadUnitNet(inplace=inplace), config(dead_window=window), batches)
+    # Named explicitly, both the Linear (pre-activation rule) and the ReLU after it are judged.
+    scalars = run_forwards(
+        DeadUnitNet(inplace=inplace), config(dead_window=window, layers=["linear", "relu"]), batches
+    )
     for layer in ("linear", "relu"):
         assert sorted(scalars[f"dead_fraction/{layer}"]) == list(range(window - 1, window + 2))
         assert set(scalars[f"dead_fraction/{layer}"].values()) == {0.25}
         assert set(scalars[f"dead_count/{layer}"].values()) == {1.0}
     # streak of the dead unit: window, window+1, window+2 steps -> that many whole windows
     assert scalars["dead_windows/linear"] == {s: float((s + 1) // window) for s in range(window - 1, window + 2)}
+
+
+def test_default_selection_judges_activation_modules_only() -> None:
+    """Test that by default dead units are judged on the ReLU module, not again on the Linear before it."""
+    g = torch.Generator().manual_seed(1)
+    scalars = run_forwards(DeadUnitNet(), config(dead_window=2), [[unit_inputs(16, g)] for _ in range(3)])
+    assert set(scalars["dead_fraction/relu"].values()) == {0.25}
+    assert "dead_fraction/linear" not in scalars and "activation_mean/linear" in scalars
+
+
+def test_without_activation_modules_the_logits_layer_is_not_judged() -> None:
+    """Test that with functional activations every weight layer but the last (the logits) is judged."""
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    g = torch.Generator().manual_seed(1)
+    scalars = run_forwards(Functional(), config(dead_window=1), [[unit_inputs(8, g)] for _ in range(2)])
+    assert "dead_fraction/fc1" in scalars and "dead_fraction/fc2" not in scalars
 
 
 def test_inplace_relu_sees_pre_activations() -> None:
