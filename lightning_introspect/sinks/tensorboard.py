@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 
 class TensorBoardSink:
@@ -31,8 +32,12 @@ class TensorBoardSink:
         self._last_flush = time.monotonic()
 
     def add_scalars(self, values: Mapping[str, float], step: int) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, float(value), global_step=step)
+        """All scalars of one step as ONE event (a Summary with many values): a per-tag ``add_scalar`` builds
+        and queues an event each, which on a background thread still takes the GIL from training."""
+        if not values:
+            return
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+        self.writer._get_file_writer().add_summary(summary, step)
 
     def add_histogram_raw(
         self, tag: str, step: int, *, min: float, max: float, num: float, sum: float, sum_squares: float,
