@@ -47,6 +47,8 @@ from ..sinks.base import AsyncWriter
 F = TypeVar("F", bound=Callable[..., Any])
 _EDGES = histogram_edges()
 DIAGNOSE_STEPS = 3
+SAMPLE_BUFFER_STEPS = 16  # steps of per-example inputs kept before one batched pass
+MAX_BUFFERED_LOGITS = 1 << 18  # larger (N, C) logits are reduced to per-example figures at once
 EXTRAS_DUTY = 0.05
 
 
@@ -167,6 +169,8 @@ class Introspector:
         self._prev_forgets: Optional[np.ndarray] = None
         self._pending_state: Optional[dict[str, Any]] = None
         self._dead_layers: Optional[set[str]] = None
+        self._sample_buf: list[tuple] = []
+        self._loss_buf: list[Tensor] = []
         self._steps_since_flush = 0
         self._extras_cost = 0.0  # seconds the last epoch-end picture + suspects table took (writer thread)
         self._extras_done = -math.inf
@@ -218,6 +222,11 @@ class Introspector:
         """Counts a non-finite loss on the device (read at the next flush)."""
         if not self.config.detect_nonfinite or not isinstance(loss, Tensor):
             return
+        if loss.ndim == 0:
+            self._loss_buf.append(loss.detach())  # checked in one op at the next drain
+            if len(self._loss_buf) >= SAMPLE_BUFFER_STEPS:
+                self._drain_samples()
+            return
         bad = (~torch.isfinite(loss.detach())).any()
         if self._loss_bad is None:
             self._loss_bad = torch.zeros((), dtype=torch.float64, device=loss.device)
@@ -266,11 +275,20 @@ class Introspector:
     ) -> None:
         """Per-example dynamics of one batch, every step: ``logits`` (N, C) or (N, T, C) with integer
         ``targets`` (N,) or (N, T) (``ignore_index`` tokens skipped), or a per-example ``sample_loss`` (N,)
-        when there are no logits. Also counts a non-finite ``loss``. No host sync."""
+        when there are no logits. Also counts a non-finite ``loss``. No host sync.
+
+        Inputs are checked at once (shapes: free) and kept, detached, for up to ``SAMPLE_BUFFER_STEPS``
+        steps; their figures are then computed and scattered in one pass over the concatenated batches, so
+        that the every-step cost is a few Python appends instead of some sixty small kernel launches.
+        Sequence logits are reduced to per-example figures at once (they can be large).
+        """
         if loss is not None:
             self.observe_loss(loss)
         try:
-            fig = self._figures(ids, targets, logits, sample_loss)
+            entry = self._buffer_entry(ids, targets, logits, sample_loss)
+            if entry is None:
+                return
+            self._ensure_store(entry[1].device if self.store is None else self.store.device)
         except ValueError as err:
             if self._batches_ok == 0:
                 raise
@@ -279,14 +297,13 @@ class Introspector:
                 key=f"skipped:{str(err)[:60]}",
             )
             return
-        if fig is None:
-            return
-        ids, figures, labels, valid = fig
-        store = self._ensure_store(ids.device if self.store is None else self.store.device)
-        store.observe(ids, *figures, labels=labels, valid=valid)
+        self._sample_buf.append(entry)
         self._batches_ok += 1
+        if len(self._sample_buf) >= SAMPLE_BUFFER_STEPS:
+            self._drain_samples()
 
-    def _figures(self, ids: Any, targets: Any, logits: Any, sample_loss: Any) -> Optional[tuple]:
+    def _buffer_entry(self, ids: Any, targets: Any, logits: Any, sample_loss: Any) -> Optional[tuple]:
+        """Checks one batch's inputs (Python only) and returns what to keep until the next drain."""
         if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.ndim != 1:
             raise ValueError(
                 f"sample ids must be a 1-d integer tensor (one id per example), got "
@@ -296,6 +313,7 @@ class Introspector:
         n = ids.shape[0]
         if n == 0:
             return None
+        ids = ids.detach()
         if logits is not None:
             if not isinstance(logits, Tensor) or not logits.is_floating_point():
                 raise ValueError(f"logits must be a floating-point tensor, got {type(logits).__name__}.")
@@ -305,16 +323,22 @@ class Introspector:
                     f"{type(targets).__name__ if not isinstance(targets, Tensor) else targets.dtype}; "
                     "return them as `targets` from training_step or set `targets=` to their place in the batch."
                 )
-            if logits.ndim == 2 and targets.shape == (n,) and logits.shape[0] == n and logits.shape[1] >= 2:
+            C = logits.shape[-1]
+            fits = (logits.ndim == 2 and targets.shape == (n,) or logits.ndim == 3 and logits.shape[:2] == targets.shape)
+            if fits and logits.shape[0] == n and C >= 2 and self.num_classes not in (None, C):
+                raise ValueError(f"logits have {C} classes where earlier batches had {self.num_classes}.")
+            if logits.ndim == 2 and targets.shape == (n,) and logits.shape[0] == n and C >= 2:
                 self.task = self.task or "classification"
+                self.num_classes = C
+                if logits.numel() <= MAX_BUFFERED_LOGITS:
+                    return ("raw", ids, targets.detach(), logits.detach())
                 loss, margin, conf, correct, valid = classification_figures(logits, targets)
-                self.num_classes = logits.shape[1]
-                return ids, (loss, margin, conf, correct), targets, valid
-            if logits.ndim == 3 and logits.shape[:2] == targets.shape and logits.shape[0] == n and logits.shape[2] >= 2:
+                return ("fig", ids, (loss, margin, conf, correct), targets.detach(), valid)
+            if logits.ndim == 3 and logits.shape[:2] == targets.shape and logits.shape[0] == n and C >= 2:
                 self.task = self.task or "sequence"
+                self.num_classes = C
                 loss, margin, conf, correct, valid = sequence_figures(logits, targets, self.config.ignore_index)
-                self.num_classes = logits.shape[2]
-                return ids, (loss, margin, conf, correct), None, valid
+                return ("fig", ids, (loss, margin, conf, correct), None, valid)
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not fit targets of shape {tuple(targets.shape)} and "
                 f"{n} sample ids: expected logits (N, C) with C >= 2 and targets (N,), or logits (N, T, C) and "
@@ -327,11 +351,44 @@ class Introspector:
                     f"{tuple(sample_loss.shape) if isinstance(sample_loss, Tensor) else type(sample_loss).__name__}."
                 )
             self.task = self.task or "regression"
-            return ids, (sample_loss,), None, None
+            return ("fig", ids, (sample_loss.detach(),), None, None)
         raise ValueError(
             "no logits and no per-example loss for per-example dynamics: return {'loss': loss, 'logits': logits} "
             "(or 'sample_loss': a (N,) tensor) from training_step, or turn them off with `sample_dynamics=False`."
         )
+
+    def _drain_samples(self) -> None:
+        """Computes and scatters the buffered batches' figures in one pass, and counts buffered NaN losses."""
+        if self._loss_buf:
+            losses, self._loss_buf = self._loss_buf, []
+            stacked = torch.stack([l.float() for l in losses])
+            if self._loss_bad is None:
+                self._loss_bad = torch.zeros((), dtype=torch.float64, device=stacked.device)
+            self._loss_bad.add_((~torch.isfinite(stacked)).sum())
+        buf, self._sample_buf = self._sample_buf, []
+        if not buf or self.store is None:
+            return
+        store = self.store
+        raws = [e for e in buf if e[0] == "raw"]
+        if raws:
+            targets = torch.cat([e[2].long() for e in raws])
+            loss, margin, conf, correct, valid = classification_figures(torch.cat([e[3].float() for e in raws]), targets)
+            store.observe(
+                torch.cat([e[1] for e in raws]), loss, margin, conf, correct, labels=targets, valid=valid,
+                batch_sizes=[e[1].shape[0] for e in raws],
+            )
+        groups: dict[tuple, list[tuple]] = {}
+        for e in buf:
+            if e[0] == "fig":
+                groups.setdefault((len(e[2]), e[3] is None, e[4] is None), []).append(e)
+        for (n_fields, no_labels, no_valid), entries in groups.items():
+            fields = [torch.cat([e[2][i].reshape(-1) for e in entries]) for i in range(n_fields)]
+            store.observe(
+                torch.cat([e[1] for e in entries]), *fields,
+                labels=None if no_labels else torch.cat([e[3] for e in entries]),
+                valid=None if no_valid else torch.cat([e[4] for e in entries]),
+                batch_sizes=[e[1].shape[0] for e in entries],
+            )
 
     def _ensure_store(self, device: torch.device) -> PerSampleStore:
         if self.store is None:
@@ -391,6 +448,7 @@ class Introspector:
     def _flush(self, counters_only: bool = False) -> None:
         step = self.step_index if counters_only else self._pending
         assert step is not None
+        self._drain_samples()
         self._pending = None
         self._steps_since_flush = 0
         cfg = self.config
@@ -665,6 +723,7 @@ class Introspector:
         atomically and the epoch's TensorBoard entries. Every rank must call it."""
         self.writer.poll()
         self.flush()
+        self._drain_samples()
         self.schedule.pause()
         store = self.store
         if store is None and dist.is_distributed() and self.num_examples is not None:
@@ -783,6 +842,7 @@ class Introspector:
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: schedule, dead-unit streaks, per-example store."""
+        self._drain_samples()
         return {
             "format": 1,
             "schedule": self.schedule.state_dict(),

@@ -7,12 +7,14 @@ device (masked into a trash row, never used as an index) and reported at the nex
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from .stats import to_device
 
 #: Epoch-buffer columns (float32 each): how often the example was seen this epoch, then sums of its figures.
 _EP_COUNT, _EP_LOSS, _EP_MARGIN, _EP_CONF, _EP_CORRECT = range(5)
@@ -157,8 +159,13 @@ class PerSampleStore:
         *,
         labels: Optional[Tensor] = None,
         valid: Optional[Tensor] = None,
+        batch_sizes: Optional[Sequence[int]] = None,
     ) -> None:
-        """Scatters one batch of per-example figures (each (B,)) into this epoch's buffers. No host sync."""
+        """Scatters per-example figures (each (B,)) into this epoch's buffers. No host sync.
+
+        ``batch_sizes``: when the rows are several training batches concatenated, their sizes in order, so
+        that an id counts as repeated only within its own batch.
+        """
         n = self.num_examples
         ids = ids.detach().reshape(-1).to(self.device, torch.long, non_blocking=True)
         in_range = (ids >= 0) & (ids < n)
@@ -166,7 +173,14 @@ class PerSampleStore:
         finite = torch.isfinite(loss)
         ok = in_range & finite
         counts = [(~in_range).sum()]
-        srt = ids.sort().values
+        key = ids
+        if batch_sizes is not None and len(batch_sizes) > 1:
+            sizes = to_device(list(batch_sizes), torch.long, self.device)
+            batch_no = torch.repeat_interleave(
+                torch.arange(len(batch_sizes), device=self.device), sizes, output_size=ids.shape[0]
+            )
+            key = ids + batch_no * (1 << 40)  # ids of different batches never compare equal
+        srt = key.sort().values
         counts.append((srt[1:] == srt[:-1]).sum())
         if valid is not None:
             valid = valid.to(self.device)

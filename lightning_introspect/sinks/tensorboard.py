@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from tensorboard.compat.proto.summary_pb2 import Summary
 
 
 class TensorBoardSink:
@@ -36,6 +35,8 @@ class TensorBoardSink:
         and queues an event each, which on a background thread still takes the GIL from training."""
         if not values:
             return
+        from tensorboard.compat.proto.summary_pb2 import Summary  # here: importing the core loads no TensorBoard
+
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
         self.writer._get_file_writer().add_summary(summary, step)
 
