@@ -189,12 +189,13 @@ class Introspector:
     @_timed
     def begin_step(self, step: int) -> bool:
         """Starts a (micro-)batch of optimizer step ``step``; returns whether it is sampled."""
+        t0, own_mark = time.perf_counter(), self.overhead_seconds  # the step's clock starts before the flush
         self.writer.poll()
         if self._pending is not None and self._pending != step:
             self._flush()
         sampled = self.schedule.should_sample(step) or self._diagnose > 0
-        own, self._own_mark = self.overhead_seconds - self._own_mark, self.overhead_seconds  # the last step's own time
-        self.schedule.tick(sampled, own_seconds=own)
+        self.schedule.tick(sampled, now=t0)
+        self._own_mark = own_mark
         self.sampled = sampled
         self.step_index = step
         self._steps_since_flush += 1
@@ -211,11 +212,14 @@ class Introspector:
     @_timed
     def end_step(self) -> None:
         """Ends the (micro-)batch: hooks come off; the sampled step is flushed when the next step begins."""
+        t0 = time.perf_counter()
         if self.hooks.attached:
             self.hooks.detach()
         for h in self._step_handles:
             h.remove()
         self._step_handles = []
+        now = time.perf_counter()  # the step's own time: its timed calls so far, and this one
+        self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + (now - t0))
 
     @_timed
     def observe_loss(self, loss: Any) -> None:
@@ -715,6 +719,15 @@ class Introspector:
     def _after_flush(self, interval: int) -> None:
         if self.config.overhead_budget is not None and interval >= 1:
             self.schedule.interval = interval
+            if self.schedule.budget_unreachable and self.is_writer:
+                budget, floor = self.config.overhead_budget, self.schedule.always_on()
+                self.writer.alert(
+                    f"lightning_introspect: `overhead_budget={budget:g}` cannot be held: the work done on every step "
+                    f"(per-example dynamics) alone slows training by {100 * floor:.1f} %; sampled steps keep a quarter "
+                    f"of the budget, so expect about {100 * (floor + budget / 4):.1f} % (the `introspect/overhead` "
+                    "tag). Raise the budget, or pass `sample_dynamics=False` to drop per-example dynamics.",
+                    RuntimeWarning, key="overhead_budget",
+                )
 
     # ------------------------------------------------------------------------------------------------ epochs
     @_timed

@@ -1,0 +1,221 @@
+"""SamplingSchedule: the overhead budget, fed synthetic step times (only the clock is mocked)."""
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Callable, Optional
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_introspect.core.config import IntrospectConfig
+from lightning_introspect.core.introspector import Introspector
+from lightning_introspect.core.schedule import SamplingSchedule
+
+PLAIN_S = 0.010  # a plain step: 10 ms
+
+
+def run(
+    s: SamplingSchedule,
+    steps: int,
+    seconds: Callable[[str, int], float],
+    *,
+    own: float = 0.0,
+    use_end: bool = True,
+    pause_every: int = 0,
+    pause_s: float = 5.0,
+) -> tuple[list[int], float, float]:
+    """Drives ``s`` as the Introspector does: ``tick`` at each step start, ``end`` at its end, and the
+    proposed interval adopted when the step after a sampled one flushes it. ``seconds(kind, step)`` gives a
+    step's time, ``kind`` in {"sampled", "after", "plain"}; ``own`` of it is the tool's every-step work.
+    Returns the interval after each step and the total time of the steps with and without the tool."""
+    now, history, prev_sampled = 100.0, [], False
+    with_tool = bare = 0.0
+    for step in range(steps):
+        sampled = s.should_sample(step)
+        if prev_sampled:  # the flush of the previous step, as the Introspector's begin_step does it
+            s.interval = s.proposed_interval()
+        s.tick(sampled, now=now)
+        kind = "sampled" if sampled else "after" if prev_sampled else "plain"
+        dt = seconds(kind, step)
+        now += dt
+        with_tool += dt
+        bare += PLAIN_S - own
+        if use_end:
+            s.end(now=now, own_seconds=own if kind == "plain" else None)
+        now += 0.001  # loading the next batch
+        if pause_every and step % pause_every == pause_every - 1:
+            now += pause_s  # validation, a checkpoint: no pause() call, the schedule must see it alone
+        prev_sampled = sampled
+        history.append(s.interval)
+    return history, with_tool, bare
+
+
+def doubled(kind: str, step: int) -> float:
+    return 2 * PLAIN_S if kind == "sampled" else PLAIN_S
+
+
+@pytest.mark.parametrize(("use_end", "excess", "interval"), [(True, 1.0, 20), (False, 10 / 11, 18)])
+def test_interval_converges_to_excess_over_budget(use_end: bool, excess: float, interval: int) -> None:
+    """Test that a sampled step costing +100 % under a 5 % budget settles at interval 20; with start-to-start
+    times only (no ``end``), the 1 ms between steps dilutes the excess to 10/11, interval 18."""
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+    history, _, _ = run(s, 1500, doubled, use_end=use_end)
+    assert s.excess() == pytest.approx(excess, abs=1e-6)
+    assert history[-1] == interval
+    assert s.expected_overhead() == pytest.approx(excess / interval, abs=1e-6)
+
+
+def test_converges_within_a_few_sampled_steps() -> None:
+    """Test that the interval reaches its target within a few hundred steps of a 10 ms model (not thousands)."""
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+    history, _, _ = run(s, 400, doubled)
+    assert history[-1] == 20
+
+
+def test_pauses_are_ignored() -> None:
+    """Test that 5-second pauses between steps (validation, checkpoints) change neither the measured cost nor
+    the interval, when the schedule has only start-to-start times."""
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+    history, _, _ = run(s, 1500, doubled, use_end=False, pause_every=7)
+    assert s.base() == pytest.approx(PLAIN_S + 0.001, rel=1e-6)  # start to start: includes the 1 ms loading
+    assert s.excess() == pytest.approx(10 / 11, abs=1e-6)
+    assert history[-1] == 18
+
+
+def test_no_oscillation_under_noise() -> None:
+    """Test that with +-15 % noise on every step time (another job on the machine), the interval settles near
+    20 and stays there: rare changes (at most one per ~15 sampled steps), never far from the target."""
+    rng = random.Random(0)
+
+    def noisy(kind: str, step: int) -> float:
+        return doubled(kind, step) * rng.uniform(0.85, 1.15)
+
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+    history, _, _ = run(s, 4000, noisy)
+    settled = history[1000:]
+    changes = sum(a != b for a, b in zip(settled, settled[1:]))
+    assert changes <= 10
+    assert all(16 <= n <= 25 for n in settled)
+
+
+def test_bursts_of_load_do_not_move_the_interval() -> None:
+    """Test that one step in ten running 3x slower (a burst from another job) leaves the interval near 20."""
+    def bursty(kind: str, step: int) -> float:
+        return doubled(kind, step) * (3.0 if step % 10 == 3 else 1.0)
+
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+    history, _, _ = run(s, 2000, bursty)
+    assert 16 <= history[-1] <= 25
+
+
+def test_cost_of_the_step_after_a_sampled_one_counts() -> None:
+    """Test that the flush and the writer's work, which land on the step after a sampled one, are counted:
+    +50 % on the sampled step and +50 % on the next one make an excess of 1.0, interval 20."""
+    def split(kind: str, step: int) -> float:
+        return 1.5 * PLAIN_S if kind in ("sampled", "after") else PLAIN_S
+
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+    history, _, _ = run(s, 1500, split)
+    assert s.excess() == pytest.approx(1.0, abs=1e-6)
+    assert history[-1] == 20
+
+
+def test_always_on_cost_is_taken_off_the_budget() -> None:
+    """Test that 0.2 ms of the tool's own work in each 10 ms plain step (2 %) leaves 3 % for sampling, and
+    that the expected slowdown matches the simulated one."""
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+    history, with_tool, bare = run(s, 3000, doubled, own=0.0002)
+    assert s.always_on() == pytest.approx(0.0002 / 0.0098, rel=1e-6)
+    assert history[-1] in (34, 35)  # excess 0.0102 / 0.0098 over 2.96 % of room
+    assert not s.budget_unreachable
+    expected = s.expected_overhead()
+    assert expected is not None and abs(expected - 0.05) < 0.002
+    # the simulated run's own slowdown over its last 1000 steps (steady state)
+    s2 = SamplingSchedule(every_n_steps=history[-1], warmup_steps=0)
+    _, tool_s, bare_s = run(s2, 1000, doubled, own=0.0002)
+    assert tool_s / bare_s - 1 == pytest.approx(expected, abs=0.003)
+
+
+def test_budget_below_the_every_step_cost() -> None:
+    """Test that when the every-step work alone exceeds three quarters of the budget, the schedule says so
+    and gives the sampled steps a quarter of the budget."""
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.01)
+    history, _, _ = run(s, 3000, doubled, own=0.0002)  # 2 % every step, budget 1 %
+    assert s.budget_unreachable
+    excess = s.excess()
+    assert excess is not None
+    assert history[-1] == pytest.approx(excess / 0.0025, rel=0.1)
+    expected = s.expected_overhead()
+    assert expected is not None and expected == pytest.approx(s.always_on() + 0.0025, abs=0.0003)
+
+
+def test_cheap_sampling_goes_down_to_every_step() -> None:
+    """Test that when a sampled step costs only 1 % more, a 5 % budget samples every step, and the cost is
+    then measured on steps that are both sampled and flushing."""
+    def cheap(kind: str, step: int) -> float:
+        return 1.01 * PLAIN_S if kind == "sampled" else PLAIN_S
+
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+    history, _, _ = run(s, 1500, cheap)
+    assert history[-1] == 1
+    expected = s.expected_overhead()
+    assert expected is not None and expected == pytest.approx(0.01, abs=1e-3)
+
+
+def test_interval_is_clamped_to_max_interval() -> None:
+    """Test that a very expensive sampled step never pushes the interval past ``max_interval``."""
+    def costly(kind: str, step: int) -> float:
+        return 100 * PLAIN_S if kind == "sampled" else PLAIN_S
+
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=0, overhead_budget=0.01, max_interval=300)
+    history, _, _ = run(s, 3000, costly)
+    assert max(history) == 300 and history[-1] == 300
+
+
+def test_without_budget_the_interval_stays() -> None:
+    """Test that without a budget the proposed interval is the configured one, whatever the measurements."""
+    s = SamplingSchedule(every_n_steps=7, warmup_steps=2)
+    history, _, _ = run(s, 300, doubled)
+    assert set(history) == {7}
+    assert s.proposed_interval() == 7 and s.target_interval() is None
+
+
+def test_nothing_proposed_before_measurements() -> None:
+    """Test that before enough steps are timed the schedule keeps its interval and estimates nothing."""
+    s = SamplingSchedule(every_n_steps=10, warmup_steps=0, overhead_budget=0.05)
+    assert s.proposed_interval() == 10
+    assert s.expected_overhead() is None and s.excess() is None and s.always_on() == 0.0
+
+
+def test_introspector_feeds_the_schedule_and_warns_below_the_floor() -> None:
+    """Test that a real Introspector times its steps into the schedule (in-step times and own time) and warns
+    once when the budget is below what per-example dynamics cost on every step."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    cfg = IntrospectConfig(every_n_steps=5, warmup_steps=0, overhead_budget=1e-6)
+    intro = Introspector(model, cfg, num_examples=64)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(60):
+            ids = torch.arange(16) + 16 * (step % 4)
+            with intro.step(step):
+                logits = model(x[ids])
+                loss = nn.functional.cross_entropy(logits, y[ids])
+                opt.zero_grad()
+                loss.backward()
+                intro.observe_gradients(opt)
+                opt.step()
+                intro.observe_batch(ids, targets=y[ids], logits=logits.detach(), loss=loss)
+            intro.writer.drain()  # deterministic delivery of the agreed interval
+        intro.close()
+    s = intro.schedule
+    assert s.base() is not None and s.always_on() > 0 and s.excess() is not None
+    assert s.budget_unreachable
+    assert s.interval > 5
+    floor = [w for w in caught if "cannot be held" in str(w.message)]
+    assert len(floor) == 1 and issubclass(floor[0].category, RuntimeWarning)
+    assert "sample_dynamics=False" in str(floor[0].message)
