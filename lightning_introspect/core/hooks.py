@@ -162,10 +162,7 @@ class HookSet:
             if name not in self.order:
                 self.order.append(name)
             dead = cfg.dead_units and (self.dead_layers is None or name in self.dead_layers)
-            ok = st.update(
-                x, moments=cfg.activations, dead=dead, histogram=self.histogram,
-                max_hist_elements=cfg.max_histogram_elements, max_stat_elements=cfg.max_stat_elements,
-            )
+            ok = st.capture(x, moments=cfg.activations, dead=dead, max_stat_elements=cfg.max_stat_elements)
             if not ok:
                 self.on_skip(name, f"changed its number of units (now {tuple(x.shape)})")
 

@@ -41,7 +41,7 @@ from .config import ACTIVATION_TYPES, IntrospectConfig
 from .hooks import HookSet, plain_name, select_layers
 from .samples import BAD_INPUT_NAMES, PerSampleStore, classification_figures, sequence_figures
 from .schedule import SamplingSchedule
-from .stats import HIST_BINS, GradNorms, LayerStats, histogram_edges, to_device
+from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
 from ..sinks.base import AsyncWriter
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,6 +50,7 @@ DIAGNOSE_STEPS = 3
 SAMPLE_BUFFER_STEPS = 16  # steps of per-example inputs kept before one batched pass
 MAX_BUFFERED_LOGITS = 1 << 18  # larger (N, C) logits are reduced to per-example figures at once
 EXTRAS_DUTY = 0.05
+MAX_WRITTEN_BUCKETS = 40  # histogram buckets per event (adjacent ones merged beyond)
 
 
 def _timed(fn: F) -> F:
@@ -138,6 +139,7 @@ class Introspector:
         self.layer_stats: dict[str, LayerStats] = {}
         self._skipped: dict[str, str] = {}
         self.hooks = HookSet(self.layers, self.layer_stats, config, self._on_skip)
+        self._folder = CaptureFolder(config.zero_threshold, config.dead_threshold, config.max_histogram_elements)
         named = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
         self.grad = GradNorms([n for n, _ in named])
         self._param_pos = {id(p): i for i, (_, p) in enumerate(named)}
@@ -460,12 +462,14 @@ class Introspector:
         grad = self.grad
         with allow_sync():
             device = self._device()
+            sts = [st for _, st in layers]
+            units = [st.units or 0 for st in sts]
             sum_parts: list[Tensor] = []
             min_parts: list[Tensor] = []
-            for _, st in layers:
-                assert st.sums is not None and st.fired is not None and st.hist is not None and st.mins is not None
-                sum_parts += [st.sums, st.fired, st.hist]
-                min_parts.append(st.mins)
+            if sts:
+                folded = self._folder.fold(sts, self.hooks.histogram)
+                sum_parts = [folded["sums"], folded["fired"], folded["hist"]]
+                min_parts = [folded["mins"]]
             counts = to_device([float(st.count) for _, st in layers] + [0.0], torch.float64, device)
             loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.float64, device=device)
             store_bad = (
@@ -481,12 +485,23 @@ class Introspector:
                     dist.reduce_([*sum_parts, counts, extra], "sum")
                     dist.reduce_([*min_parts, interval], "min")
             out: list[Tensor] = []
-            for _, st in layers:
-                st.close_dead_window()
-                assert st.streak is not None
+            if sts:
+                # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it.
+                fired = folded["fired"]
+                streak = torch.cat([st.streak.to(device) for st in sts])  # type: ignore[union-attr]
+                streak = torch.where(fired > 0, torch.zeros_like(streak), streak + 1)
+                for st, piece in zip(sts, streak.split(units)):
+                    st.streak = piece
                 w = cfg.dead_window
-                out += [st.sums, st.mins.double(), st.fired.double(), st.hist,
-                        torch.stack([(st.streak >= w).sum().double(), torch.div(st.streak, w, rounding_mode="floor").max().double()])]
+                unit_layer = self._folder._index(
+                    ("unit_layer", tuple(units)), lambda: [li for li, u in enumerate(units) for _ in range(u)], device
+                )
+                zeros = torch.zeros(len(sts), dtype=torch.float64, device=device)
+                dead_count = zeros.index_add(0, unit_layer, (streak >= w).double())
+                windows = zeros.scatter_reduce(
+                    0, unit_layer, torch.div(streak, w, rounding_mode="floor").double(), "amax", include_self=True
+                )
+                out += [folded["sums"], folded["mins"], fired, folded["hist"], torch.stack([dead_count, windows], 1)]
             out += [counts, extra, interval.double()]
             grad_observed = grad.observed and not counters_only
             grad_layers = sorted(grad.observed_layers()) if grad_observed else []
@@ -561,14 +576,16 @@ class Introspector:
         hists: list[tuple[str, dict[str, Any]]] = []
         nonfinite_layers: list[str] = []
         off = 0
-        for name, units, _, windows in meta["layers"]:
-            sums = data[off : off + 4]; off += 4
-            mins = data[off : off + 2]; off += 2
-            off += units  # per-unit firing counts: already folded into the streaks on the device
-            hist = data[off : off + HIST_BINS]; off += HIST_BINS
-            dead = data[off : off + 2]; off += 2
-            hists.append((name, {"sums": sums, "mins": mins, "hist": hist, "dead": dead, "units": units,
-                                 "windows": windows}))
+        L = len(meta["layers"])
+        if L:  # blocks: sums (L, 4), mins (L, 2), fired (all units), hist (L, BINS), dead (L, 2)
+            sums = data[off : off + 4 * L].reshape(L, 4); off += 4 * L
+            mins = data[off : off + 2 * L].reshape(L, 2); off += 2 * L
+            off += sum(u for _, u, _, _ in meta["layers"])  # firing counts: already folded into the streaks
+            hist = data[off : off + HIST_BINS * L].reshape(L, HIST_BINS); off += HIST_BINS * L
+            dead = data[off : off + 2 * L].reshape(L, 2); off += 2 * L
+            for i, (name, units, _, windows) in enumerate(meta["layers"]):
+                hists.append((name, {"sums": sums[i], "mins": mins[i], "hist": hist[i], "dead": dead[i],
+                                     "units": units, "windows": windows}))
         n_layers = len(meta["layers"])
         counts = data[off : off + n_layers]; off += n_layers + 1
         extra = data[off : off + 1 + len(BAD_INPUT_NAMES)]; off += 1 + len(BAD_INPUT_NAMES)
@@ -628,30 +645,17 @@ class Introspector:
                 sink.add_layout(tensorboard_layout(cfg))
             sink.add_scalars(scalars, step)
             if meta["histogram"] and cfg.histograms:
-                for name, info in hists:
-                    self._write_hist(sink, f"activation_hist/{name}", info, step)
+                raw = [(f"activation_hist/{name}", h) for name, info in hists if (h := _hist_proto_args(info))]
+                if hasattr(sink, "add_histograms_raw"):
+                    sink.add_histograms_raw(raw, step)
+                else:
+                    for tag, h in raw:
+                        sink.add_histogram_raw(tag, step, **h)
             sink.flush()
         self._layout_written = True
         if self.on_scalars is not None:
             cb = self.on_scalars
             self._main(lambda: cb(scalars, step))
-
-    def _write_hist(self, sink: Any, tag: str, info: dict[str, Any], step: int) -> None:
-        counts = info["hist"]
-        nz = np.nonzero(counts)[0]
-        if nz.size == 0:
-            return
-        i0, i1 = int(nz[0]), int(nz[-1])
-        lo, hi = float(info["mins"][0]), float(-info["mins"][1])
-        limits = _EDGES[i0 + 1 : i1 + 2].copy()
-        limits[-1] = min(limits[-1], hi) if math.isfinite(limits[-1]) else hi
-        num = float(counts.sum())
-        scale = num / info["count"] if info["count"] > 0 else 0.0  # the histogram may see a strided subsample
-        sink.add_histogram_raw(
-            tag, step, min=lo, max=hi, num=num, sum=float(info["sums"][0]) * scale,
-            sum_squares=float(info["sums"][1]) * scale, bucket_limits=limits.tolist(),
-            bucket_counts=counts[i0 : i1 + 1].tolist(),
-        )
 
     def _alerts_for_flush(
         self, step: int, meta: dict[str, Any], extra: np.ndarray, nonfinite_layers: list[str], scalars: dict[str, float]
@@ -888,6 +892,34 @@ class Introspector:
                 self._load_store(self._pending_state)
             elif self.num_examples is None:
                 self.num_examples = int(state["store"]["num_examples"])
+
+
+def _hist_proto_args(info: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Keyword arguments of ``add_histogram_raw`` for one layer's bucket counts: only the span of non-empty
+    buckets, the outer edges clipped to the exact min and max. None when there is nothing to show."""
+    counts = info["hist"]
+    nz = np.nonzero(counts)[0]
+    if nz.size == 0:
+        return None
+    i0, i1 = int(nz[0]), int(nz[-1])
+    lo, hi = float(info["mins"][0]), float(-info["mins"][1])
+    limits = _EDGES[i0 + 1 : i1 + 2].copy()
+    limits[-1] = min(limits[-1], hi) if math.isfinite(limits[-1]) else hi
+    span = counts[i0 : i1 + 1]
+    if span.size > MAX_WRITTEN_BUCKETS:
+        # Adjacent buckets merged: TensorBoard shows ~30 bins anyway, and every byte of an event costs the
+        # writer thread a pure-Python CRC (tensorboard without TensorFlow), which holds the GIL.
+        g = -(-span.size // MAX_WRITTEN_BUCKETS)
+        pad = -span.size % g
+        span = np.concatenate([span, np.zeros(pad)]).reshape(-1, g).sum(1)
+        limits = np.concatenate([limits, np.full(pad, limits[-1])])[g - 1 :: g]
+    num = float(counts.sum())
+    scale = num / info["count"] if info["count"] > 0 else 0.0  # the histogram sees a strided subsample
+    return {
+        "min": lo, "max": hi, "num": num, "sum": float(info["sums"][0]) * scale,
+        "sum_squares": float(info["sums"][1]) * scale, "bucket_limits": limits.tolist(),
+        "bucket_counts": span.tolist(),
+    }
 
 
 def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoch: int, top: int = 10) -> str:

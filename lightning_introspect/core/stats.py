@@ -8,7 +8,7 @@ window and across ranks is exact and each reduction is a single all-reduce.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,12 +40,7 @@ def histogram_counts(x: Tensor, out: Tensor) -> None:
     Non-finite values are left out (they are counted separately).
     """
     xf = x.detach().reshape(-1).float()
-    finite = torch.isfinite(xf)
-    a = xf.abs()
-    k = torch.log(a * (1.0 / HIST_LO)).mul_(_INV_LOG_R).floor_().add_(1).clamp_(0, HIST_K)
-    k = torch.nan_to_num_(k, nan=0.0)
-    idx = (torch.sign(xf).mul_(k).add_(_HIST_CENTER)).long()
-    out.index_add_(0, idx, finite.to(out.dtype))
+    out.index_add_(0, _bucket_index(xf), torch.isfinite(xf).to(out.dtype))
 
 
 def to_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -63,13 +58,31 @@ def unit_amax(x: Tensor, unit_dim: int) -> Tensor:
     return x.amax(dim=dims) if dims else x
 
 
+def _bucket_index(x: Tensor) -> Tensor:
+    """Bucket of each value of ``x`` (the scheme of :func:`histogram_edges`), in [0, HIST_BINS); NaN -> the
+    zero bucket (callers weight non-finite values 0). A log and a floor: several times faster on CPU than a
+    binary search over the edges, and the same buckets."""
+    k = torch.log(x.abs() * (1.0 / HIST_LO)).mul_(_INV_LOG_R).floor_().add_(1).clamp_(0, HIST_K)
+    k = k.nan_to_num_(0.0).long()
+    return torch.where(torch.signbit(x), _HIST_CENTER - k, _HIST_CENTER + k)
+
+
 class LayerStats:
     """One layer's activation statistics between two flushes, and its dead-unit streaks across flushes.
 
-    ``update`` folds a layer output in (a layer called twice in one forward is folded twice: updates add).
-    Per flush: ``count`` elements, ``sums`` = [sum, sum of squares, zeros, non-finite], ``mins`` = [min, -max],
-    ``fired`` = per unit, in how many calls it exceeded the threshold, ``hist`` = bucket counts.
-    ``streak`` (persistent) = per unit, for how many consecutive flushes it has not fired.
+    A hook calls :meth:`capture` with the layer output (a layer called twice in one forward is captured
+    twice: the calls add). A capture reads every element twice on the device, for the exact minimum and
+    maximum (NaN/Inf show up there, so a non-finite value is never missed) and for each unit's maximum
+    (dead units), and copies a strided subsample of at most ``max_stat_elements`` values for the mean,
+    standard deviation, fraction of zeros, non-finite count and histogram: past a few thousand values more
+    elements change these figures less than the step-to-step noise, and a sampled step's cost stays
+    bounded whatever the layer's size. At the flush, :class:`CaptureFolder` folds the captures of all
+    layers at once, in a fixed number of kernels.
+
+    ``update`` = capture + fold into this layer's own buffers (``sums`` = [sum, sum of squares, zeros,
+    non-finite], ``mins`` = [min, -max], ``fired`` = per unit, in how many calls it exceeded the threshold,
+    ``hist`` = bucket counts). ``streak`` (persistent) = per unit, for how many consecutive flushes it has
+    not fired.
     """
 
     def __init__(self, name: str, *, unit_dim: int, dead_threshold: float, zero_threshold: float) -> None:
@@ -77,100 +90,92 @@ class LayerStats:
         self.unit_dim = unit_dim
         self.dead_threshold = dead_threshold
         self.zero_threshold = zero_threshold
-        self.count = 0  # elements seen since the last flush (host int: a shape, never a device read)
+        self.count = 0  # subsampled elements since the last flush (host int: a shape, never a device read)
         self.calls = 0
         self.units: Optional[int] = None
+        self.device: Optional[torch.device] = None
         self.sums: Optional[Tensor] = None
         self.mins: Optional[Tensor] = None
         self.fired: Optional[Tensor] = None
         self.hist: Optional[Tensor] = None
         self.streak: Optional[Tensor] = None
         self.windows_seen = 0  # flushes (dead-unit windows) this layer took part in
-
-    def _allocate(self, units: int, device: torch.device) -> None:
-        self.units = units
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
-        self.mins = torch.full((2,), math.inf, dtype=torch.float32, device=device)
-        self.fired = torch.zeros(units, dtype=torch.float32, device=device)
-        self.hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
-        if self.streak is None or self.streak.numel() != units:
-            self.streak = torch.zeros(units, dtype=torch.float32, device=device)
-        else:
-            self.streak = self.streak.to(device)
+        self.subs: list[Tensor] = []
+        self.lows: list[Tensor] = []
+        self.highs: list[Tensor] = []
+        self.unit_max: list[Tensor] = []
 
     @property
     def allocated(self) -> bool:
-        return self.sums is not None
+        return self.units is not None
+
+    @torch.no_grad()
+    def capture(self, x: Tensor, *, moments: bool, dead: bool, max_stat_elements: int = 1 << 14) -> bool:
+        """Keeps what the flush needs of ``x`` (batch first): 3-4 kernels, no read. Returns False, doing
+        nothing, when the layer's number of units changed."""
+        if x.ndim == 0 or x.numel() == 0:
+            return True
+        units = x.shape[self.unit_dim % x.ndim]
+        if self.units is None:
+            self.units, self.device = units, x.device
+            if self.streak is None or self.streak.numel() != units:
+                self.streak = torch.zeros(units, dtype=torch.float32, device=x.device)
+            else:
+                self.streak = self.streak.to(x.device)
+        elif units != self.units:
+            return False
+        self.calls += 1
+        numel = x.numel()
+        flat = x.reshape(-1)
+        if numel > max_stat_elements:  # exactly max_stat_elements values, evenly strided: a view
+            flat = flat[:: numel // max_stat_elements][:max_stat_elements]
+        self.subs.append(flat.to(torch.float32, copy=True))  # a copy: a later in-place op must not change it
+        self.count += self.subs[-1].numel()
+        if moments:
+            lo, hi = torch.aminmax(x)
+            self.lows.append(lo)
+            self.highs.append(hi)
+        if dead:
+            self.unit_max.append(unit_amax(x, self.unit_dim))
+        return True
+
+    def clear_captures(self) -> None:
+        self.subs, self.lows, self.highs, self.unit_max = [], [], [], []
 
     @torch.no_grad()
     def update(
         self, x: Tensor, *, moments: bool, dead: bool, histogram: bool, max_hist_elements: int,
-        max_stat_elements: int = 1 << 16,
+        max_stat_elements: int = 1 << 14,
     ) -> bool:
-        """Folds ``x`` (batch first) in. Returns False, doing nothing, when its unit count changed.
-
-        Every element is read twice: once for the exact minimum and maximum (NaN/Inf show up there, so a
-        non-finite value is never missed) and once for each unit's maximum (dead units). Mean, standard
-        deviation, the fraction of zeros and the non-finite count are taken on a strided subsample of at
-        most ``max_stat_elements`` elements, the histogram on at most ``max_hist_elements``: past a few
-        ten thousand values more elements change these figures less than the step-to-step noise, and the
-        cost of a sampled step stays bounded whatever the layer's size.
-        """
-        if x.ndim == 0 or x.numel() == 0:
-            return True
-        units = x.shape[self.unit_dim % x.ndim]
-        if self.sums is None:
-            self._allocate(units, x.device)
-        elif units != self.units:
+        """Captures ``x`` and folds it into this layer's own buffers at once (see the class docstring)."""
+        if not self.capture(x, moments=moments, dead=dead, max_stat_elements=max_stat_elements):
             return False
-        assert self.sums is not None and self.mins is not None and self.fired is not None and self.hist is not None
-        self.calls += 1
-        numel = x.numel()
-        flat = x.reshape(-1)
-        if numel > max_stat_elements:
-            flat = flat[:: -(-numel // max_stat_elements)]  # strided subsample: a view, no copy
-        xf = flat.float()
-        n = xf.numel()
-        self.count += n
-        if moments:
-            lo, hi = torch.aminmax(x)
-            torch.minimum(self.mins, torch.stack([lo, -hi]).float(), out=self.mins)
-            # Plain sums, not torch.var_mean (several times slower than a conv on CPU); the squares are of
-            # x - c with c one of the values (a device scalar, never read), so that the fp32 sum of squares
-            # keeps the variance when |mean| >> std; shifted back in float64. x - x is NaN exactly where x
-            # is NaN or +/-inf, so count_nonzero (fast on an all-zero tensor) counts the non-finite values.
-            zeros = (xf.abs() <= self.zero_threshold).sum()  # not count_nonzero(x): branchy, slow on ReLU output
-            nonfinite = torch.count_nonzero(xf - xf)
-            c = xf[:1]
-            d = xf - c
-            s1, s2, c64 = xf.sum().double(), d.square().sum().double(), c.double().squeeze(0)
-            upd = torch.stack([s1, s2 + (2 * s1 - n * c64) * c64, zeros.double(), nonfinite.double()])
-            self.sums.add_(upd)
-        if dead:
-            self.fired.add_((unit_amax(x, self.unit_dim) > self.dead_threshold).float())
-        if histogram:
-            hflat = xf
-            if n > max_hist_elements:
-                hflat = xf[:: -(-n // max_hist_elements)]
-            histogram_counts(hflat, self.hist)
+        if self.units is None:
+            return True
+        assert self.device is not None
+        if self.sums is None:
+            self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+            self.mins = torch.full((2,), math.inf, dtype=torch.float32, device=self.device)
+            self.fired = torch.zeros(self.units, dtype=torch.float32, device=self.device)
+            self.hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=self.device)
+        assert self.mins is not None and self.fired is not None and self.hist is not None
+        folded = CaptureFolder(self.zero_threshold, self.dead_threshold, max_hist_elements).fold([self], histogram)
+        self.sums.add_(folded["sums"][0])
+        torch.minimum(self.mins, folded["mins"][0], out=self.mins)
+        self.fired.add_(folded["fired"])
+        self.hist.add_(folded["hist"][0])
         return True
 
     def reset(self) -> None:
         """Clears the window (not the streaks)."""
         self.count = 0
         self.calls = 0
-        if self.sums is not None:
-            assert self.mins is not None and self.fired is not None and self.hist is not None
-            self.sums.zero_()
+        self.clear_captures()
+        for t in (self.sums, self.fired, self.hist):
+            if t is not None:
+                t.zero_()
+        if self.mins is not None:
             self.mins.fill_(math.inf)
-            self.fired.zero_()
-            self.hist.zero_()
-
-    @torch.no_grad()
-    def close_dead_window(self) -> None:
-        """After the cross-rank reduction: units that fired reset their streak, the others extend it."""
-        if self.fired is not None and self.streak is not None:
-            self.streak = torch.where(self.fired > 0, torch.zeros_like(self.streak), self.streak + 1)
 
     def state_dict(self) -> dict:
         return {
@@ -183,6 +188,84 @@ class LayerStats:
         streak = state.get("streak")
         self.streak = None if streak is None else streak.clone()
         self.windows_seen = int(state.get("windows_seen", 0))
+
+
+class CaptureFolder:
+    """Folds the captures of many layers into per-layer figures with a fixed number of kernels.
+
+    All subsamples are concatenated once; sums, zero and non-finite counts go into an (L, 4) table with one
+    ``index_add_`` keyed by each element's layer; minima and maxima with one ``scatter_reduce_``; firing
+    counts into one flat (units of all layers) vector; histogram buckets into one (L, HIST_BINS) table.
+    Index tensors depend only on the shapes of the captures and are cached.
+    """
+
+    def __init__(self, zero_threshold: float, dead_threshold: float, max_hist_elements: int) -> None:
+        self.zero_threshold = zero_threshold
+        self.dead_threshold = dead_threshold
+        self.max_hist_elements = max_hist_elements
+        self._cache: dict[tuple, Tensor] = {}
+
+    def _index(self, key: tuple, build: Callable[[], list[int]], device: torch.device) -> Tensor:
+        full = (key, device)
+        idx = self._cache.get(full)
+        if idx is None:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            idx = self._cache[full] = to_device(build(), torch.long, device)
+        return idx
+
+    @torch.no_grad()
+    def fold(self, layers: Sequence[LayerStats], histogram: bool) -> dict[str, Tensor]:
+        """Per-layer figures of the captured window, layer-major in the order of ``layers``: ``sums`` (L, 4)
+        float64, ``mins`` (L, 2) float32 [min, -max], ``fired`` (sum of units,) float32, ``hist`` (L, BINS)
+        float64. Clears the captures."""
+        L = len(layers)
+        device = next((st.device for st in layers if st.device is not None), torch.device("cpu"))
+        units = [st.units or 0 for st in layers]
+        out = {
+            "sums": torch.zeros(L, 4, dtype=torch.float64, device=device),
+            "mins": torch.full((L, 2), math.inf, dtype=torch.float32, device=device),
+            "fired": torch.zeros(sum(units), dtype=torch.float32, device=device),
+            "hist": torch.zeros(L, HIST_BINS, dtype=torch.float64, device=device),
+        }
+        groups: dict[int, list[tuple[int, Tensor]]] = {}
+        for li, st in enumerate(layers):
+            for t in st.subs:
+                groups.setdefault(t.numel(), []).append((li, t))
+        for n, entries in groups.items():  # big layers share one size (max_stat_elements): usually 1-3 groups
+            key = tuple(li for li, _ in entries)
+            rows = self._index(("rows", key), lambda: list(key), device)
+            X = torch.stack([t for _, t in entries])  # (E, n)
+            X64 = X.double()
+            c64 = X64[:, 0]
+            D = X64 - c64.unsqueeze(1)  # shifted: sums of squares keep the variance even when |mean| >> std
+            s1, s2 = D.sum(1), D.square().sum(1)
+            per_row = torch.stack([
+                s1 + n * c64, s2 + (2 * s1 + n * c64) * c64,
+                (X.abs() <= self.zero_threshold).sum(1).double(), torch.isnan(X - X).sum(1).double(),
+            ], 1)
+            out["sums"].index_add_(0, rows, per_row)
+            if histogram:
+                H = X if n <= self.max_hist_elements else X[:, :: -(-n // self.max_hist_elements)]
+                offsets = self._index(("hist_rows", key), lambda: [li * HIST_BINS for li in key], device)
+                bucket = (_bucket_index(H) + offsets.unsqueeze(1)).reshape(-1)
+                out["hist"].view(-1).index_add_(0, bucket, torch.isfinite(H).reshape(-1).double())
+        lows = [(li, lo, hi) for li, st in enumerate(layers) for lo, hi in zip(st.lows, st.highs)]
+        if lows:
+            key = tuple(li for li, _, _ in lows)
+            idx = self._index(("mins", key), lambda: [2 * li for li in key] + [2 * li + 1 for li in key], device)
+            vals = torch.cat([torch.stack([lo for _, lo, _ in lows]), -torch.stack([hi for _, _, hi in lows])]).float()
+            out["mins"].view(-1).scatter_reduce_(0, idx, vals, "amin")
+        maxes = [(li, m) for li, st in enumerate(layers) for m in st.unit_max]
+        if maxes:
+            offsets = [sum(units[:i]) for i in range(L)]
+            key = tuple((li, m.numel()) for li, m in maxes)
+            idx = self._index(("fired", key, tuple(units)), lambda: [offsets[li] + j for li, n in key for j in range(n)], device)
+            fired = (torch.cat([m for _, m in maxes]) > self.dead_threshold).float()
+            out["fired"].index_add_(0, idx, fired)
+        for st in layers:
+            st.clear_captures()
+        return out
 
 
 class GradNorms:

@@ -49,6 +49,22 @@ class TensorBoardSink:
             bucket_limits=list(bucket_limits), bucket_counts=list(bucket_counts), global_step=step,
         )
 
+    def add_histograms_raw(self, histograms: Sequence[tuple[str, Mapping[str, Any]]], step: int) -> None:
+        """Several pre-bucketed histograms (keyword sets of :meth:`add_histogram_raw`) as ONE event: built
+        straight as protos, about ten times cheaper for the writer thread than one ``add_histogram_raw`` each."""
+        if not histograms:
+            return
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+        values = [
+            Summary.Value(tag=tag, histo=HistogramProto(
+                min=h["min"], max=h["max"], num=h["num"], sum=h["sum"], sum_squares=h["sum_squares"],
+                bucket_limit=h["bucket_limits"], bucket=h["bucket_counts"],
+            ))
+            for tag, h in histograms
+        ]
+        self.writer._get_file_writer().add_summary(Summary(value=values), step)
+
     def add_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         values = np.asarray(values, dtype=np.float64)
         values = values[np.isfinite(values)]
