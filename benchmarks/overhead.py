@@ -528,18 +528,22 @@ def memory_child(key: str, config: str, steps: int, device: str, root: str) -> N
     print(json.dumps(peak))
 
 
-def measure_memory(key: str, configs: list[str], steps: int, device: str, root: Path) -> dict[str, dict[str, float]]:
-    out = {}
-    for config in ["bare", *configs]:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", key, config, str(steps), "--device", device,
-             "--root", str(root)],
-            capture_output=True, text=True, check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory run {key}/{config} failed:\n{proc.stderr[-3000:]}")
-        out[config] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+def measure_memory(key: str, configs: list[str], steps: int, device: str, root: Path,
+                   repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Peak RSS per configuration: ``repeats`` fresh processes each, interleaved (bare, c1, ..., bare, c1,
+    ...), median per figure. One pair of runs is not enough: a bare run's peak alone varies by ~30 MB here."""
+    runs: dict[str, list[dict[str, float]]] = {c: [] for c in ["bare", *configs]}
+    for _ in range(repeats):
+        for config in runs:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--memory-child", key, config, str(steps), "--device", device,
+                 "--root", str(root)],
+                capture_output=True, text=True, check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory run {key}/{config} failed:\n{proc.stderr[-3000:]}")
+            runs[config].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs.items()}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -601,7 +605,7 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
             lines.append(f"- {res['name']}: {res['epoch_end_ms']:.0f} ms per epoch end = "
                          f"{_pct(res['epoch_end_ms'] / epoch_ms)} of a {res['steps_per_epoch']}-step epoch")
     if memory:
-        lines += ["", f"Peak memory (VmHWM at the end of training, fresh process each; target <= {MEMORY_TARGET_MB:.0f} MB "
+        lines += ["", f"Peak memory (VmHWM at the end of training, median of 3 fresh processes each, interleaved; target <= {MEMORY_TARGET_MB:.0f} MB "
                   "over bare at defaults; the last column includes teardown, which writes the report files):", "",
                   "| workload | configuration | peak RSS MB | over bare MB | met | after fit, over bare MB |",
                   "|:--|:--|--:|--:|:--|--:|"]

@@ -84,7 +84,9 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     Args:
         every_n_steps: sample every N optimizer steps (after the warm-up).
         warmup_steps: sample each of the first K steps.
-        overhead_budget: fraction, e.g. 0.02: adapt the interval so the measured slowdown stays under it.
+        overhead_budget: fraction, e.g. 0.02: adapt the interval so that the measured slowdown of the training
+            step (data loading aside) stays near it. The work done on every step (per-example dynamics)
+            counts against the budget; when it alone exceeds the budget, a warning says so.
         layers: fnmatch patterns of module names to watch (``["encoder.*", "head"]``); None = all modules of
             ``layer_types``.
         layer_types: module types watched (default: Linear, Conv*, and activation modules).

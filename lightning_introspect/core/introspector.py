@@ -477,13 +477,17 @@ class Introspector:
                 else torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=device)
             )
             extra = torch.cat([loss_bad.reshape(1).to(device, torch.float64), store_bad.to(device)])
-            interval = to_device([-float(self.schedule.proposed_interval())], torch.float32, device)
+            proposed = self.schedule.proposed_interval()
+            interval = to_device([-float(proposed)], torch.float32, device)
             reduced = True
-            if dist.is_distributed():
+            distributed = dist.is_distributed()
+            if distributed:
                 reduced = dist.agree(dist.FLUSH, device)
                 if reduced:
                     dist.reduce_([*sum_parts, counts, extra], "sum")
                     dist.reduce_([*min_parts, interval], "min")
+            if not counters_only:
+                self._apply_interval(proposed, interval if distributed and reduced else None)
             out: list[Tensor] = []
             if sts:
                 # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it.
@@ -632,7 +636,7 @@ class Introspector:
                 pg = data[off : off + P]; off += P
                 for i in meta["param_positions"]:
                     scalars[f"param_grad_norm/{self.grad.param_names[i]}"] = math.sqrt(pg[i])
-        self._main(lambda: self._after_flush(interval))
+        self._main(self._warn_if_budget_unreachable)
         if meta["counters_only"]:  # an epoch end or close with no sampled step pending: alerts only
             self._alerts_for_flush(step, meta, extra, nonfinite_layers, scalars)
             return
@@ -720,9 +724,19 @@ class Introspector:
     def _main(self, job: Callable[[], None]) -> None:
         self.writer.on_main_thread(job)
 
-    def _after_flush(self, interval: int) -> None:
-        if self.config.overhead_budget is not None and interval >= 1:
+    def _apply_interval(self, proposed: int, reduced_interval: Optional[Tensor]) -> None:
+        """On the training thread, at the flush, on every rank: the budget's new interval. Under DDP all
+        ranks take the largest proposal (reduced with the flush), so they keep sampling the same steps."""
+        if self.config.overhead_budget is None:
+            return
+        interval = proposed
+        if reduced_interval is not None:
+            interval = int(round(-float(reduced_interval.item())))  # flush: DDP already synchronised here
+        if interval >= 1:
             self.schedule.interval = interval
+
+    def _warn_if_budget_unreachable(self) -> None:
+        if self.config.overhead_budget is not None:
             if self.schedule.budget_unreachable and self.is_writer:
                 budget, floor = self.config.overhead_budget, self.schedule.always_on()
                 self.writer.alert(
