@@ -176,6 +176,7 @@ class Introspector:
         self._steps_since_flush = 0
         self._extras_cost = 0.0  # seconds the last epoch-end picture + suspects table took (writer thread)
         self._extras_done = -math.inf
+        self._skipped_extras: Optional[tuple] = None
         self.threshold_ids: Optional[np.ndarray] = None  # AUM threshold samples (ThresholdSamples), if any
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -805,34 +806,54 @@ class Introspector:
         # only while they take at most EXTRAS_DUTY of the wall time since the previous refresh.
         t0 = time.monotonic()
         extras = t0 - self._extras_done >= self._extras_cost / EXTRAS_DUTY
-        try:
-            from .scoring import find_label_issues
-
-            if meta["task"] != "regression" and extras:
-                suspects = find_label_issues(records, threshold_ids=self.threshold_ids)
-                scalars["samples/flagged_fraction"] = float(suspects.flagged.sum() / n_seen)
-        except NotImplementedError:
-            suspects = None
+        suspects = self._suspects_for(records, meta) if extras else None
+        if suspects is not None:
+            scalars["samples/flagged_fraction"] = float(suspects.flagged.sum() / n_seen)
         for sink in self.sinks:
             sink.add_scalars(scalars, step)
             if means is not None:
                 for key in ("loss", "margin", "confidence"):
                     sink.add_histogram(f"samples/{key}", means[key][means["seen"]], step)
-            if suspects is not None:
-                sink.add_text("samples/suspects", _suspects_markdown(suspects, self.class_names, epoch), step)
-                try:
-                    from ..datamap import render_data_map
-
-                    sink.add_image("samples/data_map", render_data_map(records, suspects=suspects, class_names=self.class_names), step)
-                except (ImportError, NotImplementedError):
-                    pass
+        self._write_pictures(records, suspects, epoch, step)
+        for sink in self.sinks:
             sink.flush()
+        # A skipped refresh is done at close, so that the last picture always shows the end of training.
+        self._skipped_extras = None if extras else (records, meta, epoch, step)
         if extras:
             self._extras_done = time.monotonic()
             self._extras_cost = self._extras_done - t0
         if self.on_scalars is not None:
             cb = self.on_scalars
             self._main(lambda: cb(scalars, step))
+
+    def _suspects_for(self, records: dict[str, np.ndarray], meta: dict[str, Any]) -> Any:
+        if meta["task"] == "regression":
+            return None
+        from .scoring import find_label_issues
+
+        return find_label_issues(records, threshold_ids=self.threshold_ids)
+
+    def _write_pictures(self, records: dict[str, np.ndarray], suspects: Any, epoch: int, step: int) -> None:
+        """The suspects table and the data-map image (writer thread)."""
+        if suspects is None or not self.sinks:
+            return
+        from ..datamap import render_data_map
+
+        image = render_data_map(records, suspects=suspects, class_names=self.class_names)
+        for sink in self.sinks:
+            sink.add_text("samples/suspects", _suspects_markdown(suspects, self.class_names, epoch), step)
+            sink.add_image("samples/data_map", image, step)
+
+    def _write_skipped_extras(self) -> None:
+        if self._skipped_extras is not None:
+            records, meta, epoch, step = self._skipped_extras
+            self._skipped_extras = None
+            suspects = self._suspects_for(records, meta)
+            if suspects is not None:
+                n_seen = max(int((records["seen_epochs"] > 0).sum()), 1)
+                for sink in self.sinks:
+                    sink.add_scalars({"samples/flagged_fraction": float(suspects.flagged.sum() / n_seen)}, step)
+            self._write_pictures(records, suspects, epoch, step)
 
     # ------------------------------------------------------------------------------------------------ results
     def records(self) -> dict[str, np.ndarray]:
@@ -860,6 +881,7 @@ class Introspector:
         """Flushes what is pending, waits for the writer and closes the sinks (idempotent)."""
         self.end_step()
         self.flush()
+        self._submit(self._write_skipped_extras)
         self.writer.close()
         for sink in self.sinks:
             sink.close()
