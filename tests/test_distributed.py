@@ -113,8 +113,8 @@ def uneven_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Runs every :data:`UNEVEN` scenario on the same 2 gloo processes; fails (never hangs) after 90 s."""
     root = tmp_path_factory.mktemp("uneven")
     scenarios = [(str(root / name), steps) for name, steps in UNEVEN.items()]
-    ctx = mp.start_processes(uneven_worker, args=(2, str(root / "init"), scenarios), nprocs=2, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(uneven_worker, args=(2, str(root / "init"), scenarios, str(root / "budget")), nprocs=2,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + 90.0
     try:
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
@@ -144,3 +144,12 @@ def test_uneven_batches_across_ranks_do_not_hang(uneven_runs: Path, name: str) -
     assert ranks[0]["records"] == ranks[1]["records"]  # reduced: both ranks hold the same aggregates
     scalars = read_scalars(out / "tb")
     assert "activation_mean/0" in scalars and "grad_norm/global" in scalars
+
+
+def test_budget_interval_is_agreed_by_all_ranks(uneven_runs: Path) -> None:
+    """Test that under an overhead budget ranks that measure different costs still sample the very same steps
+    (the interval is agreed at each flush on every rank), and that the budget did move the interval."""
+    ranks = [json.loads((uneven_runs / "budget" / f"budget_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["sampled"] == ranks[1]["sampled"]
+    assert ranks[0]["interval"] == ranks[1]["interval"]
+    assert ranks[0]["interval"] > 2, "the budget should have widened the interval from every_n_steps=2"

@@ -180,6 +180,9 @@ class SamplingSchedule:
         toward :meth:`target_interval`, moving only by more than 10 % and at most 4x per update."""
         target = self.target_interval()
         cur = self.interval
+        if target is None and self.overhead_budget is not None and cur <= 2 and not self._plain:
+            # Every step is sampled or flushes the one before: no plain step measures the bare cost. Make room.
+            return 3
         if target is None or abs(target - cur) <= self.DEADBAND * cur:
             return cur
         step = min(max(target, math.floor(cur / self.MAX_FACTOR)), math.ceil(cur * self.MAX_FACTOR))
