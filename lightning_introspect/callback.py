@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type, Union
 
-import torch
 from torch import Tensor, nn
 
 from ._compat import CALLBACK_BASES, is_tensorboard_logger
@@ -192,11 +191,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             _check_writable(self.records_dir)
             sinks.append(TensorBoardSink(tb.experiment if tb is not None else log_dir))
         others = [lg for lg in trainer.loggers if not is_tensorboard_logger(lg)] if self.forward_to_loggers else []
-        on_scalars = None
-        if others and trainer.is_global_zero:
-            def on_scalars(scalars: dict[str, float], step: int) -> None:
-                for lg in others:
-                    lg.log_metrics(scalars, step)
+        on_scalars = _forward_to(others) if others and trainer.is_global_zero else None
         self.core = Introspector(
             pl_module, self.config, sinks=sinks, records_dir=self.records_dir, on_scalars=on_scalars,
             class_names=self.class_names, is_writer=trainer.is_global_zero,
@@ -370,6 +365,16 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if self.core is None:
             raise RuntimeError("Introspect is used before `setup`: attach it to a Trainer and call `fit`.")
         return self.core
+
+
+def _forward_to(loggers: Sequence[Any]) -> Callable[[dict[str, float], int], None]:
+    """Sends host scalars to Lightning loggers (on the training thread, after they were written)."""
+
+    def on_scalars(scalars: dict[str, float], step: int) -> None:
+        for lg in loggers:
+            lg.log_metrics(scalars, step)
+
+    return on_scalars
 
 
 def _extract(batch: Any, key: BatchKey, what: str) -> Any:

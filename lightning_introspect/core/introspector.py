@@ -594,7 +594,7 @@ class Introspector:
         n_layers = len(meta["layers"])
         counts = data[off : off + n_layers]; off += n_layers + 1
         extra = data[off : off + 1 + len(BAD_INPUT_NAMES)]; off += 1 + len(BAD_INPUT_NAMES)
-        interval = int(round(-data[off])); off += 1
+        off += 1  # the reduced interval: applied on the training thread at the flush
         for (_, info), count in zip(hists, counts):
             info["count"] = float(count)
         for (name, info), count in zip(hists, counts):

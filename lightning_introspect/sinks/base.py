@@ -5,7 +5,7 @@ import queue
 import threading
 import warnings
 from collections import deque
-from typing import Any, Callable, Deque, Mapping, Optional, Protocol, Sequence
+from typing import Callable, Deque, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch
