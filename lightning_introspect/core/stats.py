@@ -297,13 +297,20 @@ class GradNorms:
         self.observed_params: set[int] = set()
         self.skipped_updates = 0
 
-    def _index(self, positions: tuple, device: torch.device) -> Tensor:
-        key = (positions, device)
-        idx = self._index_cache.get(key)
+    def _cached(self, key: tuple, values: Callable[[], list[int]], device: torch.device) -> Tensor:
+        """An index tensor on ``device``, built once per key (parameter sets rarely change)."""
+        idx = self._index_cache.get((key, device))
         if idx is None:
-            idx = to_device([self._param_layer[i] for i in positions], torch.long, device)
-            self._index_cache[key] = idx
+            idx = self._index_cache[(key, device)] = to_device(values(), torch.long, device)
         return idx
+
+    def _index(self, positions: tuple, device: torch.device) -> Tensor:
+        """Layer of each parameter position."""
+        return self._cached(("layer", positions), lambda: [self._param_layer[i] for i in positions], device)
+
+    def _pidx(self, positions: tuple, device: torch.device) -> Tensor:
+        """The parameter positions themselves."""
+        return self._cached(("param", positions), lambda: list(positions), device)
 
     def _buffers(self, device: torch.device) -> None:
         if self.grad_sq is None:
@@ -339,14 +346,6 @@ class GradNorms:
     def observed_layers(self) -> set[int]:
         """Indices of the layers with a gradient in this window (host bookkeeping)."""
         return {self._param_layer[i] for i in self.observed_params}
-
-    def _pidx(self, positions: tuple, device: torch.device) -> Tensor:
-        key = ("p", positions, device)
-        idx = self._index_cache.get(key)
-        if idx is None:
-            idx = to_device(list(positions), torch.long, device)
-            self._index_cache[key] = idx
-        return idx
 
     @torch.no_grad()
     def observe_update(self, positions: Sequence[int], before: list[Tensor], after: list[Tensor]) -> None:

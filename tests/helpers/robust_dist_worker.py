@@ -61,12 +61,7 @@ def _budget_scenario(rank: int, out: str, steps: int = 160) -> None:
     for step in range(steps):
         x, y = torch.randn(BATCH, 4, generator=gen), torch.randint(0, 3, (BATCH,), generator=gen)
         with intro.step(step) as sampled:
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad()
-            loss.backward()
-            intro.observe_gradients(opt)
-            opt.step()
+            _train_step(model, opt, intro, x, y)
             time.sleep(0.001 + (0.001 + 0.004 * rank if sampled else 0.0))
         if sampled:
             sampled_steps.append(step)
@@ -75,6 +70,18 @@ def _budget_scenario(rank: int, out: str, steps: int = 160) -> None:
     Path(out, f"budget_rank{rank}.json").write_text(
         json.dumps({"sampled": sampled_steps, "interval": intro.schedule.interval})
     )
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, intro: Introspector, x: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One plain-loop step with gradient figures read between backward and the optimizer step."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad()
+    loss.backward()
+    intro.observe_gradients(opt)
+    opt.step()
+    return logits, loss
 
 
 def _scenario(rank: int, out: str, steps: Sequence[Sequence[int]]) -> None:
@@ -96,12 +103,7 @@ def _scenario(rank: int, out: str, steps: Sequence[Sequence[int]]) -> None:
             x, y = torch.randn(BATCH, 4, generator=gen), torch.randint(0, 3, (BATCH,), generator=gen)
             ids = torch.tensor(ids_of(rank, k))
             with intro.step(step):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad()
-                loss.backward()
-                intro.observe_gradients(opt)
-                opt.step()
+                logits, loss = _train_step(model, opt, intro, x, y)
                 intro.observe_batch(ids, targets=y, logits=logits, loss=loss)
             step += 1
         intro.end_epoch(epoch, step)
