@@ -32,7 +32,7 @@ class IntrospectConfig:
     histograms: bool = True
     histogram_every_n_samples: int = 1
     max_histogram_elements: int = 1 << 12
-    max_stat_elements: int = 1 << 14
+    max_stat_elements: int = 1 << 12
     dead_units: bool = True
     dead_threshold: float = 0.0
     dead_window: int = 4

@@ -17,21 +17,53 @@ from torch import Tensor
 # ----------------------------------------------------------------------------------------------------------
 # Histogram buckets: fixed, sign-symmetric, exponentially spaced (TensorBoard's own legacy scheme, coarser).
 # Fixed edges make histograms of different steps, calls and ranks add exactly, and need no min/max read.
-# Bucket CENTER holds |x| < HIST_LO (zeros); bucket CENTER +/- k holds HIST_LO * R**(k-1) <= |x| < HIST_LO * R**k.
+# Bucket CENTER holds |x| < e_1 (zeros); bucket CENTER +/- k holds e_k <= |x| < e_(k+1), e_k ~ HIST_LO * R**(k-1).
+# Each edge is rounded up to a bfloat16 value, so that a value's bucket is a table lookup on the top 16 bits
+# of its float32 pattern (sign, exponent, 7 mantissa bits): truncating |x| to those bits never crosses an
+# edge that is itself such a value. One shift and one gather, exact, instead of a log per element.
 # ----------------------------------------------------------------------------------------------------------
 HIST_LO = 1e-6
 HIST_RATIO = 1.2
 HIST_K = int(math.ceil(math.log(1e6 / HIST_LO) / math.log(HIST_RATIO)))  # buckets per sign
 HIST_BINS = 2 * HIST_K + 1
+# Two columns past the last bucket: NaN and +/-inf (left out of histograms, counted), and exact zeros
+# (|x| < 2**-133: zero patterns; part of the centre bucket, also counted on their own). A lookup thus also
+# counts zeros and non-finite values, for free.
+NONFINITE_BUCKET = HIST_BINS
+ZERO_BUCKET = HIST_BINS + 1
+HIST_WIDTH = HIST_BINS + 2
 _HIST_CENTER = HIST_K
-_INV_LOG_R = 1.0 / math.log(HIST_RATIO)
+
+
+def _edge_patterns() -> np.ndarray:
+    """(HIST_K,) the bfloat16 bit patterns (top 16 bits of float32) of the positive edges e_1..e_K."""
+    exact = (HIST_LO * HIST_RATIO ** np.arange(HIST_K)).astype(np.float32)
+    bits = exact.view(np.uint32).astype(np.int64)
+    return (bits + 0xFFFF) >> 16  # rounded up to the next bfloat16 value
+
+
+_EDGE_PATTERNS = _edge_patterns()
+
+
+def _bucket_table() -> np.ndarray:
+    """(65536,) bucket of every top-16-bit pattern of a float32 value."""
+    pattern = np.arange(1 << 16, dtype=np.int64)
+    magnitude = pattern & 0x7FFF
+    k = np.searchsorted(_EDGE_PATTERNS, magnitude, side="right")  # positive patterns sort as their values
+    table = np.where(pattern >> 15 == 1, _HIST_CENTER - k, _HIST_CENTER + k)
+    table[(magnitude >> 7) == 0xFF] = NONFINITE_BUCKET  # exponent all ones: inf or NaN
+    table[magnitude == 0] = ZERO_BUCKET
+    return table.astype(np.int32)
+
+
+_BUCKET_TABLE = _bucket_table()
+_TABLES: dict[torch.device, Tensor] = {}
 
 
 def histogram_edges() -> np.ndarray:
     """(HIST_BINS + 1,) left-to-right bucket edges of :func:`histogram_counts` (outer edges are +/-inf)."""
-    pos = HIST_LO * HIST_RATIO ** np.arange(HIST_K)  # lower edges of positive buckets 1..K
-    right = np.concatenate([-pos[::-1], pos])  # internal edges, 2K of them
-    return np.concatenate([[-np.inf], right, [np.inf]])
+    pos = (_EDGE_PATTERNS.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.concatenate([[-np.inf], -pos[::-1], pos, [np.inf]])
 
 
 def histogram_counts(x: Tensor, out: Tensor) -> None:
@@ -39,8 +71,11 @@ def histogram_counts(x: Tensor, out: Tensor) -> None:
 
     Non-finite values are left out (they are counted separately).
     """
-    xf = x.detach().reshape(-1).float()
-    out.index_add_(0, _bucket_index(xf), torch.isfinite(xf).to(out.dtype))
+    counts = torch.zeros(HIST_WIDTH, dtype=out.dtype, device=out.device)
+    idx = _bucket_index(x.detach().reshape(-1))
+    counts.index_add_(0, idx, torch.ones(1, dtype=out.dtype, device=out.device).expand(idx.numel()))
+    counts[_HIST_CENTER] += counts[ZERO_BUCKET]
+    out.add_(counts[:HIST_BINS])
 
 
 def to_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -59,12 +94,13 @@ def unit_amax(x: Tensor, unit_dim: int) -> Tensor:
 
 
 def _bucket_index(x: Tensor) -> Tensor:
-    """Bucket of each value of ``x`` (the scheme of :func:`histogram_edges`), in [0, HIST_BINS); NaN -> the
-    zero bucket (callers weight non-finite values 0). A log and a floor: several times faster on CPU than a
-    binary search over the edges, and the same buckets."""
-    k = torch.log(x.abs() * (1.0 / HIST_LO)).mul_(_INV_LOG_R).floor_().add_(1).clamp_(0, HIST_K)
-    k = k.nan_to_num_(0.0).long()
-    return torch.where(torch.signbit(x), _HIST_CENTER - k, _HIST_CENTER + k)
+    """Bucket of each value of ``x`` (any float dtype, any shape; same shape out, int32), the scheme of
+    :func:`histogram_edges`; non-finite values -> ``NONFINITE_BUCKET``, zeros -> ``ZERO_BUCKET``."""
+    table = _TABLES.get(x.device)
+    if table is None:
+        table = _TABLES[x.device] = torch.as_tensor(_BUCKET_TABLE, device=x.device)
+    top = (x.float().view(torch.int32) >> 16) & 0xFFFF
+    return table.index_select(0, top.reshape(-1)).view(top.shape)
 
 
 class LayerStats:
@@ -205,13 +241,15 @@ class CaptureFolder:
         self.max_hist_elements = max_hist_elements
         self._cache: dict[tuple, Tensor] = {}
 
-    def _index(self, key: tuple, build: Callable[[], list[int]], device: torch.device) -> Tensor:
-        full = (key, device)
+    def _index(
+        self, key: tuple, build: Callable[[], list[int]], device: torch.device, dtype: torch.dtype = torch.long,
+    ) -> Tensor:
+        full = (key, device, dtype)
         idx = self._cache.get(full)
         if idx is None:
             if len(self._cache) > 64:
                 self._cache.clear()
-            idx = self._cache[full] = to_device(build(), torch.long, device)
+            idx = self._cache[full] = to_device(build(), dtype, device)
         return idx
 
     @torch.no_grad()
@@ -226,30 +264,42 @@ class CaptureFolder:
             "sums": torch.zeros(L, 4, dtype=torch.float64, device=device),
             "mins": torch.full((L, 2), math.inf, dtype=torch.float32, device=device),
             "fired": torch.zeros(sum(units), dtype=torch.float32, device=device),
-            "hist": torch.zeros(L, HIST_BINS, dtype=torch.float64, device=device),
         }
+        hist = torch.zeros(L, HIST_WIDTH, dtype=torch.float64, device=device)
         groups: dict[int, list[tuple[int, Tensor]]] = {}
         for li, st in enumerate(layers):
             for t in st.subs:
                 groups.setdefault(t.numel(), []).append((li, t))
         for n, entries in groups.items():  # big layers share one size (max_stat_elements): usually 1-3 groups
             key = tuple(li for li, _ in entries)
+            E = len(entries)
             rows = self._index(("rows", key), lambda: list(key), device)
-            X = torch.stack([t for _, t in entries])  # (E, n)
-            X64 = X.double()
-            c64 = X64[:, 0]
-            D = X64 - c64.unsqueeze(1)  # shifted: sums of squares keep the variance even when |mean| >> std
-            s1, s2 = D.sum(1), D.square().sum(1)
-            per_row = torch.stack([
-                s1 + n * c64, s2 + (2 * s1 + n * c64) * c64,
-                (X.abs() <= self.zero_threshold).sum(1).double(), torch.isnan(X - X).sum(1).double(),
-            ], 1)
+            X = torch.stack([t for _, t in entries])  # (E, n) float32
+            # Bucket counts (with the zero and non-finite columns) of at most max_hist_elements values a row.
+            H = X if n <= self.max_hist_elements else X[:, :: -(-n // self.max_hist_elements)]
+            scale = n / H.shape[1]
+            offsets = self._index(("hist_rows", E), lambda: [i * HIST_WIDTH for i in range(E)], device, torch.int32)
+            bucket = (_bucket_index(H) + offsets.unsqueeze(1)).reshape(-1)
+            G = torch.zeros(E, HIST_WIDTH, dtype=torch.float64, device=device)
+            G.view(-1).index_add_(0, bucket, torch.ones(1, dtype=torch.float64, device=device).expand(bucket.numel()))
+            # Shifted by each row's first value, so that the sum of squares keeps the variance when
+            # |mean| >> std; reductions accumulate in float64.
+            c = X[:, :1]
+            D = X - c
+            s1 = D.sum(1, dtype=torch.float64)
+            s2 = torch.linalg.vector_norm(D, dim=1, dtype=torch.float64).square()
+            c64 = c.squeeze(1).double()
+            if self.zero_threshold == 0:
+                zeros = G[:, ZERO_BUCKET] * scale
+            else:
+                zeros = (X.abs() <= self.zero_threshold).sum(1).double()
+            nonfinite = G[:, NONFINITE_BUCKET] * scale
+            per_row = torch.stack([s1 + n * c64, s2 + (2 * s1 + n * c64) * c64, zeros, nonfinite], 1)
             out["sums"].index_add_(0, rows, per_row)
             if histogram:
-                H = X if n <= self.max_hist_elements else X[:, :: -(-n // self.max_hist_elements)]
-                offsets = self._index(("hist_rows", key), lambda: [li * HIST_BINS for li in key], device)
-                bucket = (_bucket_index(H) + offsets.unsqueeze(1)).reshape(-1)
-                out["hist"].view(-1).index_add_(0, bucket, torch.isfinite(H).reshape(-1).double())
+                hist.index_add_(0, rows, G)
+        hist[:, _HIST_CENTER] += hist[:, ZERO_BUCKET]
+        out["hist"] = hist[:, :HIST_BINS]
         lows = [(li, lo, hi) for li, st in enumerate(layers) for lo, hi in zip(st.lows, st.highs)]
         if lows:
             key = tuple(li for li, _, _ in lows)
