@@ -226,6 +226,9 @@ def test_nonfinite_sentinel_names_first_layer_and_training_goes_on(tmp_path: Pat
     assert "'net.3'" in alerts[2] and "Training goes on" in alerts[2]
     assert dict(ev.scalars["activation_nonfinite/net.1"])[2] == 0
     assert dict(ev.scalars["activation_nonfinite/net.3"])[2] == 8 * 16  # every output of the batch
-    # NaN logits are non-finite outputs, not bad targets
-    bad_input = dict(ev.texts["alerts/bad_input"])[2]
+    # NaN logits are non-finite outputs, not bad targets; per-example inputs are batched over a few steps,
+    # so the alert comes at a flush at or after step 2 ("up to step N")
+    bad_steps = dict(ev.texts["alerts/bad_input"])
+    bad_input = bad_steps[min(bad_steps)]
+    assert min(bad_steps) >= 2
     assert "nonfinite_outputs" in bad_input and "targets_out_of_range" not in bad_input

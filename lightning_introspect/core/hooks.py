@@ -105,6 +105,7 @@ class HookSet:
         self.dead_layers: Optional[set[str]] = None  # layers whose units are judged; None: not decided yet, all
         self.order: list[str] = []
         self._handles: list[RemovableHandle] = []
+        self._hooks: dict[str, Callable[..., None]] = {}  # made once: attaching on every sampled step is cheap
         self._last_unit_dim = -1
 
     @property
@@ -117,7 +118,10 @@ class HookSet:
         self.order = []
         self._last_unit_dim = -1
         for name, module in self.layers:
-            self._handles.append(module.register_forward_hook(self._make_hook(name, module)))
+            hook = self._hooks.get(name)
+            if hook is None:
+                hook = self._hooks[name] = self._make_hook(name, module)
+            self._handles.append(module.register_forward_hook(hook))
 
     def detach(self) -> None:
         for h in self._handles:

@@ -366,12 +366,7 @@ class Introspector:
 
     def _drain_samples(self) -> None:
         """Computes and scatters the buffered batches' figures in one pass, and counts buffered NaN losses."""
-        if self._loss_buf:
-            losses, self._loss_buf = self._loss_buf, []
-            stacked = torch.stack([l.float() for l in losses])
-            if self._loss_bad is None:
-                self._loss_bad = torch.zeros((), dtype=torch.float64, device=stacked.device)
-            self._loss_bad.add_((~torch.isfinite(stacked)).sum())
+        self._drain_losses()
         buf, self._sample_buf = self._sample_buf, []
         if not buf or self.store is None:
             return
@@ -396,6 +391,15 @@ class Introspector:
                 valid=None if no_valid else torch.cat([e[4] for e in entries]),
                 batch_sizes=[e[1].shape[0] for e in entries],
             )
+
+    def _drain_losses(self) -> None:
+        """Counts the non-finite ones among the buffered step losses, in one op."""
+        if self._loss_buf:
+            losses, self._loss_buf = self._loss_buf, []
+            stacked = torch.stack([l.float() for l in losses])
+            if self._loss_bad is None:
+                self._loss_bad = torch.zeros((), dtype=torch.float64, device=stacked.device)
+            self._loss_bad.add_((~torch.isfinite(stacked)).sum())
 
     def _ensure_store(self, device: torch.device) -> PerSampleStore:
         if self.store is None:
@@ -440,9 +444,9 @@ class Introspector:
         """Flushes the pending sampled step now (normally done when the next step begins); with none pending,
         still reads the bad-input and non-finite-loss counters of the steps since the last flush."""
         if self._pending is not None:
-            self._flush()
+            self._flush(drain=True)
         elif self._steps_since_flush > 0:
-            self._flush(counters_only=True)
+            self._flush(counters_only=True, drain=True)
 
     def _device(self) -> torch.device:
         for st in self.layer_stats.values():
@@ -452,10 +456,17 @@ class Introspector:
             return self._params[0].device
         return torch.device("cpu")
 
-    def _flush(self, counters_only: bool = False) -> None:
+    def _flush(self, counters_only: bool = False, drain: bool = False) -> None:
+        """Folds, reduces across ranks and copies to the host the pending window, and hands it to the writer.
+        Per-example inputs still buffered (< ``SAMPLE_BUFFER_STEPS`` steps) are drained only with ``drain``
+        (explicit flushes, epoch ends): the flush at a step's start leaves them batched, and the bad-input
+        counts they carry are read at a later flush ("up to step N"). Buffered losses are always checked."""
         step = self.step_index if counters_only else self._pending
         assert step is not None
-        self._drain_samples()
+        if drain:
+            self._drain_samples()
+        else:
+            self._drain_losses()
         self._pending = None
         self._steps_since_flush = 0
         cfg = self.config
