@@ -61,7 +61,11 @@ _TABLES: dict[torch.device, Tensor] = {}
 
 
 def histogram_edges() -> np.ndarray:
-    """(HIST_BINS + 1,) left-to-right bucket edges of :func:`histogram_counts` (outer edges are +/-inf)."""
+    """(HIST_BINS + 1,) left-to-right bucket edges of :func:`histogram_counts` (outer edges are +/-inf).
+
+    Buckets are sign-symmetric: a positive bucket holds [lower edge, upper edge), a negative one the mirror
+    image (lower edge, upper edge], so a value lying exactly on a negative edge counts one bucket nearer zero.
+    """
     pos = (_EDGE_PATTERNS.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     return np.concatenate([[-np.inf], -pos[::-1], pos, [np.inf]])
 

@@ -251,6 +251,26 @@ def test_histogram_buckets_closed_form() -> None:
     np.testing.assert_array_equal(idx, (HIST_K + sign * k).astype(int))
 
 
+def test_histogram_lookup_agrees_with_edges_at_and_beside_every_edge() -> None:
+    """Test the table lookup against a binary search over the documented edges (negative values mirrored: a
+    negative bucket holds its edge nearer zero): on every edge, one float32 step nearer zero, random values
+    over all magnitudes, zeros, and the non-finite values it leaves out."""
+    edges = histogram_edges()
+    inner = edges[1:-1].astype(np.float32)
+    assert np.all(np.diff(edges) > 0) and np.array_equal(inner.astype(np.float64), edges[1:-1])  # exact floats
+    below = np.nextafter(inner, np.float32(0))
+    rng = np.random.default_rng(1)
+    spread = (rng.choice([-1, 1], 5000) * 10.0 ** rng.uniform(-9, 8, 5000)).astype(np.float32)
+    values = np.concatenate([inner, below, spread, np.float32([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38])])
+    counts = torch.zeros(HIST_BINS, dtype=torch.float64)
+    histogram_counts(torch.from_numpy(np.concatenate([values, np.float32([np.nan, np.inf, -np.inf])])), counts)
+    v = values.astype(np.float64)
+    right = np.searchsorted(edges, np.abs(v), side="right") - 1  # bucket [edge, next edge) of |v|
+    mirrored = np.where(v < 0, HIST_BINS - 1 - right, right)  # negative buckets mirror the positive ones
+    expected = np.bincount(mirrored, minlength=HIST_BINS)
+    np.testing.assert_array_equal(counts.numpy(), expected)
+
+
 def test_histogram_written_to_tensorboard_matches_data(tmp_path: Path) -> None:
     """Test that the histogram read back from the event file has the data's counts, sum, min and max."""
     model = nn.Sequential(nn.Linear(4, 6))
@@ -272,6 +292,26 @@ def test_histogram_written_to_tensorboard_matches_data(tmp_path: Path) -> None:
     for lo, hi, c in zip(lower, limits, h.bucket):
         inside = ((data >= lo) & (data < hi)) | ((data == hi) & (hi == limits[-1]))
         assert c == inside.sum()
+
+
+def test_fast_crc_gives_tensorboards_checksums_and_files_read_back(tmp_path: Path) -> None:
+    """Test that the sink checksums records in C, with the same masked CRC32C as TensorBoard's own, and that
+    TensorBoard's reader (which checks every record's CRC) reads the file back."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
+    from tensorboard.summary.writer import record_writer
+
+    from lightning_introspect.sinks._crc import use_fast_crc
+
+    sink = TensorBoardSink(tmp_path)
+    assert use_fast_crc() and record_writer.masked_crc32c is not reference
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 4096):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert record_writer.masked_crc32c(data) == reference(data)
+    sink.add_scalars({"a": 1.5, "b": -2.0}, 3)
+    sink.close()
+    ev = read_events(tmp_path)
+    assert ev.scalars["a"] == [(3, 1.5)] and ev.scalars["b"] == [(3, -2.0)]
 
 
 # ------------------------------------------------------------------------------------------------ gradients
