@@ -35,7 +35,9 @@ Trainer's hooks to that configuration's own ``Introspect`` (or turns the anchor 
 count, so its warm-up, sampling interval and budget run as in a real fit; in an "off" block it forwards
 nothing: no hook is attached and no per-step work is done. A step is timed from the first callback's
 ``on_train_batch_start`` to the last callback's ``on_train_batch_end`` (data loading and epoch ends are
-outside; the flush of a sampled step happens at the next step's start, inside). The ratio pools each
+outside; the flush of a sampled step happens at the next step's start, inside; the background writer
+runs during the steps, and is drained, untimed, when its configuration's block ends, so that nothing of
+an "on" block spills into the next block; that is at most one step's writing). The ratio pools each
 configuration's steps after its first block: per kind of step (a sampled step and the next one, which
 carries its flush, vs. the rest) the count times the median time of that kind, over the median bare step;
 the spread is the same ratio in each quarter of the run. Also given: the time spent inside the callback
@@ -271,6 +273,10 @@ class Switch(pl.Callback):
         self.epoch_end_s: list[float] = []
 
     def activate(self, name: Optional[str]) -> None:
+        if self.active is not None and name != self.active:
+            core = self.instances[self.active].core
+            if core is not None:  # untimed: what it still has to write must not run inside the next block
+                core.writer.drain()
         if name in self.instances and name != self.active:
             self.instances[name].core.schedule.pause()  # the gap since its last block is not a step of its own
         self.active = name if name in self.instances else None
@@ -291,6 +297,18 @@ class Switch(pl.Callback):
         if self.active is not None:
             t0 = time.perf_counter()
             self.instances[self.active].on_train_batch_start(self._view(trainer), pl_module, batch, batch_idx)
+            self.callback_s += time.perf_counter() - t0
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self.active is not None:
+            t0 = time.perf_counter()
+            self.instances[self.active].on_before_backward(self._view(trainer), pl_module, loss)
+            self.callback_s += time.perf_counter() - t0
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if self.active is not None:
+            t0 = time.perf_counter()
+            self.instances[self.active].on_after_backward(self._view(trainer), pl_module)
             self.callback_s += time.perf_counter() - t0
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:

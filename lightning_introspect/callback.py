@@ -257,6 +257,14 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         t = first_tensor(output)
         self._captured = t.detach() if t is not None else output
 
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self.core is not None:
+            self.core.before_backward()
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if self.core is not None:
+            self.core.after_backward()
+
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._require_core().observe_gradients(optimizer)
 

@@ -21,7 +21,8 @@ import os
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ from lightning_introspect import Introspect, WithIndex
 from lightning_introspect.core import IntrospectConfig, Introspector
 from lightning_introspect.core import stats as stats_module
 from lightning_introspect.core._sync import sync_allowed
-from lightning_introspect.sinks import TensorBoardSink
+from lightning_introspect.sinks import AsyncWriter, TensorBoardSink
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(lightning_introspect.__file__)) + os.sep
 
@@ -117,8 +118,8 @@ def _holds_tensor(data: Any) -> bool:
 class record_syncs:
     """Context manager: both recorders active on this thread; ``.log`` holds what they saw."""
 
-    def __init__(self) -> None:
-        self.log = SyncLog()
+    def __init__(self, log: Optional[SyncLog] = None) -> None:
+        self.log = log if log is not None else SyncLog()
         self._modes = (_DispatchRecorder(self.log), _FunctionRecorder(self.log))
 
     def __enter__(self) -> SyncLog:
@@ -129,6 +130,24 @@ class record_syncs:
     def __exit__(self, *exc: Any) -> None:
         for m in reversed(self._modes):
             m.__exit__(*exc)
+
+
+@contextmanager
+def record_syncs_everywhere(monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncLog]:
+    """``record_syncs`` on the training thread and around every job of the background writer (the modes are
+    thread-local), into one log: a flush folds and copies to the host on the writer thread."""
+    with record_syncs() as log:
+        submit = AsyncWriter.submit
+
+        def recorded_submit(self: AsyncWriter, job: Callable[[], None]) -> None:
+            def run() -> None:
+                with record_syncs(log):
+                    job()
+
+            submit(self, run)
+
+        monkeypatch.setattr(AsyncWriter, "submit", recorded_submit)
+        yield log
 
 
 def _report(syncs: list[Sync]) -> str:
@@ -168,19 +187,19 @@ def _call_from_package(fn: Callable[[], Any]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ the proof
-def _fit_every_step_sampled(tmp_path: Path, steps: int = 12) -> tuple[Introspect, SyncLog]:
+def _fit_every_step_sampled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int = 12) -> tuple[Introspect, SyncLog]:
     cb = Introspect(every_n_steps=1, warmup_steps=0, histograms=True, dead_units=True, dead_window=2,
                     grad_norms=True, param_grad_norms=True, update_ratios=True, sample_dynamics=True)
     tr = trainer("lightning.pytorch", tmp_path, max_steps=steps, callbacks=[cb])
     train = loader(WithIndex(classification_data(n=48)))  # 6 steps per epoch: two epoch ends
-    with record_syncs() as log:
+    with record_syncs_everywhere(monkeypatch) as log:
         tr.fit(classifier(), train)
     return cb, log
 
 
-def test_trainer_steps_do_not_sync_outside_flushes(tmp_path: Path) -> None:
+def test_trainer_steps_do_not_sync_outside_flushes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Test that a Trainer run with every statistic on every step syncs only inside flushes and epoch ends."""
-    cb, log = _fit_every_step_sampled(tmp_path)
+    cb, log = _fit_every_step_sampled(tmp_path, monkeypatch)
     assert not log.violations, "host syncs outside flushes:\n" + _report(log.violations)
     # The recorder did see the flush's single batched copy, and the epoch-end copies of the records.
     where = _report(log.allowed)
@@ -191,7 +210,7 @@ def test_trainer_steps_do_not_sync_outside_flushes(tmp_path: Path) -> None:
     assert len(copies) == 12  # one batched copy per flushed step, not one per scalar
 
 
-def test_plain_loop_introspector_does_not_sync_outside_flushes(tmp_path: Path) -> None:
+def test_plain_loop_introspector_does_not_sync_outside_flushes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Test the same for the torch-only Introspector driven by a plain loop."""
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
@@ -199,7 +218,7 @@ def test_plain_loop_introspector_does_not_sync_outside_flushes(tmp_path: Path) -
     intro = Introspector(model, cfg, num_examples=32, sinks=[TensorBoardSink(tmp_path)], records_dir=tmp_path / "rec")
     g = torch.Generator().manual_seed(0)
     x, y, ids = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g), torch.arange(32)
-    with record_syncs() as log:
+    with record_syncs_everywhere(monkeypatch) as log:
         for epoch in range(2):
             for step in range(epoch * 4, epoch * 4 + 4):
                 rows = slice((step % 4) * 8, (step % 4) * 8 + 8)
@@ -239,7 +258,7 @@ _GOOD_UNIT_AMAX = stats_module.unit_amax
 def test_a_syncing_statistic_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: Any, op: str) -> None:
     """Test that a statistic that syncs inside a forward hook is reported as a violation at the hook."""
     monkeypatch.setattr(stats_module, "unit_amax", bad)
-    _, log = _fit_every_step_sampled(tmp_path, steps=2)
+    _, log = _fit_every_step_sampled(tmp_path, monkeypatch, steps=2)
     caught = [s for s in log.violations if s.op == op]
     assert caught, "the deliberately bad statistic was not caught"
     assert all(s.frame and s.frame.startswith("core/stats.py") for s in caught), _report(caught)

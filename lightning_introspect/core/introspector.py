@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
@@ -223,6 +223,15 @@ class Introspector:
         self._step_handles = []
         now = time.perf_counter()  # the step's own time: its timed calls so far, and this one
         self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + (now - t0))
+
+    def before_backward(self) -> None:
+        """Optional, right before ``loss.backward()``: lets the writer thread work while the backward pass runs
+        without the GIL (see :meth:`AsyncWriter.window`). Call :meth:`after_backward` after it."""
+        self.writer.window(True)
+
+    def after_backward(self) -> None:
+        """Optional, right after ``loss.backward()``: the writer holds further jobs until the next backward."""
+        self.writer.window(False)
 
     @_timed
     def observe_loss(self, loss: Any) -> None:
@@ -472,75 +481,63 @@ class Introspector:
         cfg = self.config
         layers = [] if counters_only else [(n, st) for n, st in sorted(self.layer_stats.items()) if st.allocated]
         grad = self.grad
+        distributed = dist.is_distributed()
         with allow_sync():
             device = self._device()
             sts = [st for _, st in layers]
-            units = [st.units or 0 for st in sts]
-            sum_parts: list[Tensor] = []
-            min_parts: list[Tensor] = []
-            if sts:
-                folded = self._folder.fold(sts, self.hooks.histogram)
-                sum_parts = [folded["sums"], folded["fired"], folded["hist"]]
-                min_parts = [folded["mins"]]
-            counts = to_device([float(st.count) for _, st in layers] + [0.0], torch.float64, device)
+            captures = [st.take_captures() for st in sts]
+            counts = to_device([float(c.count) for c in captures] + [0.0], torch.float64, device)
             loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.float64, device=device)
             store_bad = (
                 self.store.take_bad_counts() if self.store is not None
                 else torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=device)
             )
             extra = torch.cat([loss_bad.reshape(1).to(device, torch.float64), store_bad.to(device)])
+            if self._loss_bad is not None:
+                self._loss_bad.zero_()  # after the copy into `extra` (stream order on CUDA)
             proposed = self.schedule.proposed_interval()
             interval = to_device([-float(proposed)], torch.float32, device)
-            reduced = True
-            distributed = dist.is_distributed()
-            if distributed:
-                reduced = dist.agree(dist.FLUSH, device)
-                if reduced:
-                    dist.reduce_([*sum_parts, counts, extra], "sum")
-                    dist.reduce_([*min_parts, interval], "min")
-            if not counters_only:
-                self._apply_interval(proposed, interval if distributed and reduced else None)
-            out: list[Tensor] = []
-            if sts:
-                # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it.
-                fired = folded["fired"]
-                streak = torch.cat([st.streak.to(device) for st in sts])  # type: ignore[union-attr]
-                streak = torch.where(fired > 0, torch.zeros_like(streak), streak + 1)
-                for st, piece in zip(sts, streak.split(units)):
-                    st.streak = piece
-                w = cfg.dead_window
-                unit_layer = self._folder._index(
-                    ("unit_layer", tuple(units)), lambda: [li for li, u in enumerate(units) for _ in range(u)], device
-                )
-                zeros = torch.zeros(len(sts), dtype=torch.float64, device=device)
-                dead_count = zeros.index_add(0, unit_layer, (streak >= w).double())
-                windows = zeros.scatter_reduce(
-                    0, unit_layer, torch.div(streak, w, rounding_mode="floor").double(), "amax", include_self=True
-                )
-                out += [folded["sums"], folded["mins"], fired, folded["hist"], torch.stack([dead_count, windows], 1)]
-            out += [counts, extra, interval.double()]
             grad_observed = grad.observed and not counters_only
             grad_layers = sorted(grad.observed_layers()) if grad_observed else []
-            if grad_observed:
-                assert grad.grad_sq is not None and grad.weight_sq is not None and grad.update_sq is not None
-                out += [grad.grad_sq, grad.weight_sq, grad.update_sq]
-                if cfg.param_grad_norms:
-                    assert grad.param_grad is not None
-                    out.append(grad.param_grad)
-            packed = torch.cat([t.reshape(-1).to(device, torch.float64) for t in out]) if out else None
-            host = self._to_host(packed)
-            if self._loss_bad is not None:
-                self._loss_bad.zero_()
+            grad_updated = grad.updated and not counters_only
+            param_positions = sorted(grad.observed_params) if grad_observed and cfg.param_grad_norms else []
+            grad_parts = grad.take(cfg.param_grad_norms) if grad_observed else []
+            if not counters_only:
+                grad.reset()
+            histogram = self.hooks.histogram and not counters_only
+            reduced = True
+            if distributed:  # collectives stay on the training thread, in the same order on every rank
+                packed, reduced = self._fold_and_pack(
+                    sts, captures, histogram, counts, extra, interval, grad_parts, device, distributed=True
+                )
+                if not counters_only:
+                    self._apply_interval(proposed, interval if reduced else None)
+                host = self._to_host(packed)
+            else:
+                if not counters_only:
+                    self._apply_interval(proposed, None)
+                stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+                def fold_on_writer() -> Optional[np.ndarray]:
+                    # On the writer thread, during the next backward pass (see AsyncWriter.window): the fold's
+                    # kernels and Python leave the training thread; on CUDA on the training thread's stream.
+                    with allow_sync(), torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+                        packed, _ = self._fold_and_pack(
+                            sts, captures, histogram, counts, extra, interval, grad_parts, device, distributed=False
+                        )
+                        return self._to_host(packed)()
+
+                host = fold_on_writer
         meta = {
             "step": step,
-            "layers": [(n, st.units, st.count > 0, self._windows(st)) for n, st in layers],
+            "layers": [(n, c.units, c.count > 0, self._windows(st)) for (n, st), c in zip(layers, captures)],
             "grad_layers": grad_layers,
             "grad_observed": grad_observed,
-            "grad_updated": grad.updated and not counters_only,
-            "param_positions": sorted(grad.observed_params) if grad_observed and cfg.param_grad_norms else [],
+            "grad_updated": grad_updated,
+            "param_positions": param_positions,
             "order": list(self.hooks.order),
             "reduced": reduced,
-            "histogram": self.hooks.histogram and not counters_only,
+            "histogram": histogram,
             "counters_only": counters_only,
             "dead_layers": self._judged_dead_layers(),
             "interval": self.schedule.interval,
@@ -550,9 +547,51 @@ class Introspector:
             st.reset()
             st.windows_seen += 1
         if not counters_only:
-            grad.reset()
             self.samples_flushed += 1
         self._submit(lambda: self._write_flush(host, meta))
+
+    def _fold_and_pack(
+        self, sts: list[LayerStats], captures: list[Any], histogram: bool, counts: Tensor, extra: Tensor,
+        interval: Tensor, grad_parts: list[Tensor], device: torch.device, *, distributed: bool,
+    ) -> tuple[Optional[Tensor], bool]:
+        """Folds one window's captures, reduces them across ranks (``distributed``), moves the dead-unit
+        streaks on and packs everything the writer reads into one float64 tensor (the block layout of
+        :meth:`_write_flush`). Streaks are only touched here, one window after another."""
+        cfg = self.config
+        units = [c.units or 0 for c in captures]
+        sum_parts: list[Tensor] = []
+        min_parts: list[Tensor] = []
+        folded: dict[str, Tensor] = {}
+        if captures:
+            folded = self._folder.fold(captures, histogram)
+            sum_parts = [folded["sums"], folded["fired"], folded["hist"]]
+            min_parts = [folded["mins"]]
+        reduced = True
+        if distributed:
+            reduced = dist.agree(dist.FLUSH, device)
+            if reduced:
+                dist.reduce_([*sum_parts, counts, extra], "sum")
+                dist.reduce_([*min_parts, interval], "min")
+        out: list[Tensor] = []
+        if captures:
+            # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it.
+            fired = folded["fired"]
+            streak = torch.cat([st.streak.to(device) for st in sts])  # type: ignore[union-attr]
+            streak = torch.where(fired > 0, torch.zeros_like(streak), streak + 1)
+            for st, piece in zip(sts, streak.split(units)):
+                st.streak = piece
+            w = cfg.dead_window
+            unit_layer = self._folder._index(
+                ("unit_layer", tuple(units)), lambda: [li for li, u in enumerate(units) for _ in range(u)], device
+            )
+            zeros = torch.zeros(len(captures), dtype=torch.float64, device=device)
+            dead_count = zeros.index_add(0, unit_layer, (streak >= w).double())
+            windows = zeros.scatter_reduce(
+                0, unit_layer, torch.div(streak, w, rounding_mode="floor").double(), "amax", include_self=True
+            )
+            out += [folded["sums"], folded["mins"], fired, folded["hist"], torch.stack([dead_count, windows], 1)]
+        out += [counts, extra, interval.double(), *grad_parts]
+        return torch.cat([t.reshape(-1).to(device, torch.float64) for t in out]), reduced
 
     @staticmethod
     def _windows(st: LayerStats) -> int:
@@ -907,6 +946,7 @@ class Introspector:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: schedule, dead-unit streaks, per-example store."""
         self._drain_samples()
+        self.writer.drain()  # a flush folded on the writer thread moves the streaks on: let it finish
         return {
             "format": 1,
             "schedule": self.schedule.state_dict(),
@@ -954,8 +994,7 @@ def _hist_proto_args(info: dict[str, Any]) -> Optional[dict[str, Any]]:
     limits[-1] = min(limits[-1], hi) if math.isfinite(limits[-1]) else hi
     span = counts[i0 : i1 + 1]
     if span.size > MAX_WRITTEN_BUCKETS:
-        # Adjacent buckets merged: TensorBoard shows ~30 bins anyway, and every byte of an event costs the
-        # writer thread a pure-Python CRC (tensorboard without TensorFlow), which holds the GIL.
+        # Adjacent buckets merged: TensorBoard shows ~30 bins anyway, and smaller events cost the writer less.
         g = -(-span.size // MAX_WRITTEN_BUCKETS)
         pad = -span.size % g
         span = np.concatenate([span, np.zeros(pad)]).reshape(-1, g).sum(1)
@@ -964,8 +1003,7 @@ def _hist_proto_args(info: dict[str, Any]) -> Optional[dict[str, Any]]:
     scale = num / info["count"] if info["count"] > 0 else 0.0  # the histogram sees a strided subsample
     return {
         "min": lo, "max": hi, "num": num, "sum": float(info["sums"][0]) * scale,
-        "sum_squares": float(info["sums"][1]) * scale, "bucket_limits": limits.tolist(),
-        "bucket_counts": span.tolist(),
+        "sum_squares": float(info["sums"][1]) * scale, "bucket_limits": limits, "bucket_counts": span,
     }
 
 

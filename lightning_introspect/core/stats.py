@@ -8,7 +8,8 @@ window and across ranks is exact and each reduction is a single all-reduce.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -182,6 +183,14 @@ class LayerStats:
     def clear_captures(self) -> None:
         self.subs, self.lows, self.highs, self.unit_max = [], [], [], []
 
+    def take_captures(self) -> "Captures":
+        """Hands over what was captured since the last flush (to be folded, possibly on another thread) and
+        starts an empty window; the dead-unit streaks stay here."""
+        taken = Captures(self.subs, self.lows, self.highs, self.unit_max, self.units, self.device, self.count)
+        self.clear_captures()
+        self.count = 0
+        return taken
+
     @torch.no_grad()
     def update(
         self, x: Tensor, *, moments: bool, dead: bool, histogram: bool, max_hist_elements: int,
@@ -230,6 +239,22 @@ class LayerStats:
         self.windows_seen = int(state.get("windows_seen", 0))
 
 
+@dataclass
+class Captures:
+    """One layer's captures of one window, handed over by :meth:`LayerStats.take_captures` to the fold."""
+
+    subs: list[Tensor]
+    lows: list[Tensor]
+    highs: list[Tensor]
+    unit_max: list[Tensor]
+    units: Optional[int]
+    device: Optional[torch.device]
+    count: int
+
+    def clear_captures(self) -> None:
+        self.subs, self.lows, self.highs, self.unit_max = [], [], [], []
+
+
 class CaptureFolder:
     """Folds the captures of many layers into per-layer figures with a fixed number of kernels.
 
@@ -257,7 +282,7 @@ class CaptureFolder:
         return idx
 
     @torch.no_grad()
-    def fold(self, layers: Sequence[LayerStats], histogram: bool) -> dict[str, Tensor]:
+    def fold(self, layers: Sequence[Union[LayerStats, Captures]], histogram: bool) -> dict[str, Tensor]:
         """Per-layer figures of the captured window, layer-major in the order of ``layers``: ``sums`` (L, 4)
         float64, ``mins`` (L, 2) float32 [min, -max], ``fired`` (sum of units,) float32, ``hist`` (L, BINS)
         float64. Clears the captures."""
@@ -412,6 +437,18 @@ class GradNorms:
         deltas = torch._foreach_sub(after, before)
         self.update_sq.index_add_(0, self._index(tuple(positions), device), self._sq_norms(deltas))
         self.updated = True
+
+    def take(self, per_param: bool) -> list[Tensor]:
+        """Hands over this window's buffers ([grad, weight, update] squared norms per layer, and per parameter
+        with ``per_param``), to be packed possibly on another thread; the next window gets fresh ones."""
+        assert self.grad_sq is not None and self.weight_sq is not None and self.update_sq is not None
+        parts = [self.grad_sq, self.weight_sq, self.update_sq]
+        if per_param:
+            assert self.param_grad is not None
+            parts.append(self.param_grad)
+        self.grad_sq = self.weight_sq = self.update_sq = self.param_grad = None
+        self.reset()
+        return parts
 
     def reset(self) -> None:
         self.observed = False

@@ -39,8 +39,14 @@ class AsyncWriter:
     queue is full the newest job is dropped and counted rather than blocking the step.
     """
 
+    #: Longest a job waits for a window (see :meth:`window`) before it runs anyway: validation, a long data
+    #: load or the end of training must not hold figures back.
+    MAX_WINDOW_WAIT_S = 0.25
+
     def __init__(self, max_pending: int = 256, name: str = "lightning-introspect-writer") -> None:
         self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue(maxsize=max_pending)
+        self._gated = False
+        self._open = threading.Event()
         self._alerts: Deque[tuple[str, type, str]] = deque()
         self._main_thread_jobs: Deque[Callable[[], None]] = deque()
         self._warned: set[str] = set()
@@ -59,6 +65,18 @@ class AsyncWriter:
                     "lightning_introspect: the writer fell behind and dropped a batch of figures; sample less "
                     "often (`every_n_steps`) or log fewer statistics.", RuntimeWarning,
                 )
+
+    def window(self, is_open: bool) -> None:
+        """Jobs run while the window is open (the training thread says when: during the backward pass, which
+        runs in C++ without the GIL) or after waiting ``MAX_WINDOW_WAIT_S``. Writing is Python and holds the
+        GIL; run while the training thread also runs Python (the loop, the forward pass), it makes that
+        thread wait for the GIL, for up to the interpreter's switch interval each time. Never called: no
+        gating, jobs run at once."""
+        self._gated = True
+        if is_open:
+            self._open.set()
+        else:
+            self._open.clear()
 
     def alert(self, message: str, category: type = UserWarning, *, key: Optional[str] = None) -> None:
         """Queues a warning for the training thread (thread-safe). Warnings with the same ``key`` (default: the
@@ -85,7 +103,11 @@ class AsyncWriter:
 
     def drain(self, timeout: float = 60.0) -> None:
         """Blocks until every submitted job ran (flush points: epoch end, teardown, checkpoint)."""
+        if not self._thread.is_alive():  # closed: nothing can be pending
+            self.poll()
+            return
         done = threading.Event()
+        self._open.set()  # the training thread waits here: no reason to hold jobs back
         try:
             self._queue.put(done.set, timeout=timeout)
         except queue.Full:
@@ -105,6 +127,8 @@ class AsyncWriter:
             job = self._queue.get()
             if job is None:
                 return
+            if self._gated:
+                self._open.wait(self.MAX_WINDOW_WAIT_S)
             try:
                 job()
             except Exception as err:
