@@ -1,0 +1,75 @@
+"""Tests for the writer thread's window and the TensorBoard sink's wire encoding, with real threads and protos."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from helpers.tb import read_events
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+from lightning_introspect.sinks import AsyncWriter, TensorBoardSink
+from lightning_introspect.sinks.tensorboard import _histogram_value_wire
+
+
+def test_jobs_wait_for_the_window_then_run_in_order() -> None:
+    """Test that once gated, jobs wait while the window is closed, run when it opens, in order."""
+    w = AsyncWriter()
+    ran: list[int] = []
+    w.window(False)
+    w.MAX_WINDOW_WAIT_S = 5.0
+    for i in range(3):
+        w.submit(lambda i=i: ran.append(i))
+    time.sleep(0.2)
+    assert ran == []  # held back
+    w.window(True)
+    deadline = time.monotonic() + 5
+    while len(ran) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ran == [0, 1, 2]
+    w.close()
+
+
+def test_a_closed_window_delays_a_job_at_most_the_wait_and_drain_does_not_wait() -> None:
+    """Test that a job never opened for still runs after MAX_WINDOW_WAIT_S, and that drain runs jobs at once."""
+    w = AsyncWriter()
+    w.window(False)
+    done = threading.Event()
+    t0 = time.monotonic()
+    w.submit(done.set)
+    assert done.wait(5)
+    assert time.monotonic() - t0 >= w.MAX_WINDOW_WAIT_S * 0.9
+    w.window(False)
+    w.MAX_WINDOW_WAIT_S = 30.0
+    ran: list[int] = []
+    w.submit(lambda: ran.append(1))
+    t0 = time.monotonic()
+    w.drain()
+    assert ran == [1] and time.monotonic() - t0 < 5
+    w.close()
+    t0 = time.monotonic()
+    w.drain()  # closed: returns at once
+    assert time.monotonic() - t0 < 1
+
+
+def test_spliced_summaries_equal_protobufs_own_encoding(tmp_path: Path) -> None:
+    """Test that the sink's hand-spliced scalar and histogram bytes are exactly what protobuf serializes,
+    for long and non-ASCII tags and values that overflow float32, and that TensorBoard reads them back."""
+    sink = TensorBoardSink(tmp_path)
+    values = {"a": 1.0, "activation_mean/net.0": -0.25, "x" * 300: math.nan, "é/ü": 1e39, "big": -1e300,
+              "t": math.inf, "tiny": 1e-50}
+    reference = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values.items()])
+    assert sink._scalars_wire(values) == reference.SerializeToString()
+    h = dict(min=-1.5, max=2.0, num=10.0, sum=3.0, sum_squares=7.5, bucket_limits=np.array([0.1, 1.0, 2.0]),
+             bucket_counts=np.array([1.0, 0.0, 9.0]))
+    histo = HistogramProto(min=-1.5, max=2.0, num=10, sum=3, sum_squares=7.5, bucket_limit=[0.1, 1, 2], bucket=[1, 0, 9])
+    assert _histogram_value_wire("hist/é", h) == Summary(value=[Summary.Value(tag="hist/é", histo=histo)]).SerializeToString()
+    sink.add_scalars(values, 4)
+    sink.add_histograms_raw([("hist/é", h)], 4)
+    sink.close()
+    ev = read_events(tmp_path)
+    assert ev.scalars["activation_mean/net.0"] == [(4, -0.25)] and ev.scalars["é/ü"] == [(4, math.inf)]
+    (step, got), = ev.histograms["hist/é"]
+    assert step == 4 and list(got.bucket) == [1, 0, 9] and list(got.bucket_limit) == [0.1, 1, 2]
