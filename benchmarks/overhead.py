@@ -82,6 +82,7 @@ NUM_CLASSES = 10
 BLOCK = 50  # the default every_n_steps; an epoch is 4 * BLOCK steps
 STEP_BLOCK = 10  # steps per on/off block: short, so that on and off see the same load from other jobs
 STEPS = {"mlp": 250, "cnn": 200, "transformer": 120}  # on steps per configuration (as many bare ones)
+BUDGET_STEPS = {"mlp": 1000, "cnn": 700, "transformer": 500}  # the budget runs: many sampled steps after warm-up
 
 
 # ------------------------------------------------------------------------------------------------ workloads
@@ -206,14 +207,17 @@ def introspect_kwargs(config: str) -> Optional[dict[str, Any]]:
     }.get(config)
 
 
-CONFIGS = ["defaults", "defaults, no ids", "unsampled only, no ids", "everything, every step", "budget 1 %", "budget 5 %",
+AA = "bare again (A/A control)"
+BUDGETS = ["budget 1 %", "budget 5 %"]
+CONFIGS = [AA, "defaults", "defaults, no ids", "unsampled only, no ids", "everything, every step", *BUDGETS,
            "anchor: Lightning grad_norm", "anchor: naive .item() hooks"]
-QUICK_CONFIGS = ["defaults", "unsampled only, no ids", "everything, every step", "budget 5 %"]
+QUICK_CONFIGS = [AA, "defaults", "unsampled only, no ids", "everything, every step", "budget 5 %"]
 TARGETS = {  # (workload, config) -> maximum median ratio
     ("cnn", "defaults"): 1.02, ("transformer", "defaults"): 1.02, ("mlp", "defaults"): 1.05,
     ("cnn", "everything, every step"): 1.25, ("transformer", "everything, every step"): 1.25,
 }
 MEMORY_TARGET_MB = 30.0
+MEMORY_REPEATS = 5  # a bare run's peak RSS alone varies by 30-40 MB between processes here
 _WATCHED = (nn.Linear, nn.Conv2d, nn.ReLU)
 
 
@@ -493,6 +497,11 @@ def time_workload(key: str, configs: list[str], steps_per_config: int, block: in
             later = [s for s in on if s.own_step >= max(s.own_step for s in on) // 3]
             row["budget"] = inst.config.overhead_budget
             row["aggregate"] = slowdown(later, off)
+            lo_step = min(s.own_step for s in later)
+            span = max(s.own_step for s in later) - lo_step + 1
+            parts = [slowdown([s for s in later if 4 * (s.own_step - lo_step) // span == k], off) for k in range(4)]
+            parts = [x for x in parts if math.isfinite(x)]
+            row["later_q1"], _, row["later_q3"] = quartiles(parts)
             row["interval"] = inst.core.schedule.interval
             row["estimate"] = inst.core.schedule.expected_overhead()
         rows[c] = row
@@ -547,7 +556,7 @@ def memory_child(key: str, config: str, steps: int, device: str, root: str) -> N
 
 
 def measure_memory(key: str, configs: list[str], steps: int, device: str, root: Path,
-                   repeats: int = 3) -> dict[str, dict[str, float]]:
+                   repeats: int = MEMORY_REPEATS) -> dict[str, dict[str, float]]:
     """Peak RSS per configuration: ``repeats`` fresh processes each, interleaved (bare, c1, ..., bare, c1,
     ...), median per figure. One pair of runs is not enough: a bare run's peak alone varies by ~30 MB here."""
     runs: dict[str, list[dict[str, float]]] = {c: [] for c in ["bare", *configs]}
@@ -595,26 +604,40 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
         for c, r in res["rows"].items():
             target = TARGETS.get((res["key"], c))
             met = "" if target is None else ("yes" if r["ratio"] <= target else "**no**")
-            if c == "unsampled only, no ids":  # "indistinguishable from bare": within 1 % and the spread covers 1
-                target_s, met = "~1.00", "yes" if r["ratio"] <= 1.01 or (r["min"] <= 1.0 and r["ratio"] <= 1.02) else "**no**"
+            aa = res["rows"].get(AA)
+            if c == "unsampled only, no ids":  # "indistinguishable from bare": within 1 %, or within bare vs. bare
+                noise = max(1.01, aa["max"]) if aa is not None else 1.01
+                target_s, met = f"<= {noise:.3f}", "yes" if r["ratio"] <= noise else "**no**"
             else:
                 target_s = "" if target is None else f"<= {target:.2f}x"
             lines.append(
                 f"| | {c} | {r['on_ms']:.1f} | {r['ratio']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | "
                 f"{r['min']:.3f}-{r['max']:.3f} | {_pct(r['callback'])} | {_pct(r['hooks'])} | {target_s} | {met} |"
             )
-    lines += ["", "Budget mode (achieved = the pooled ratio - 1 over the configuration's steps after the first third "
-              "of its run, i.e. after warm-up; the target is within 1 percentage point of the budget):", "",
-              "| workload | budget | achieved | whole run | interval chosen | schedule's estimate | met |",
-              "|:--|--:|--:|--:|--:|--:|:--|"]
-    for res in results:
-        for c, r in res["rows"].items():
-            if "budget" in r:
-                achieved = r["aggregate"] - 1
-                est = "" if r["estimate"] is None else _pct(r["estimate"])
-                met = "yes" if abs(achieved - r["budget"]) <= 0.01 else "**no**"
-                lines.append(f"| {res['name']} | {_pct(r['budget'])} | {_pct(achieved)} | {_pct(r['ratio'] - 1)} | "
-                             f"{r['interval']} | {est} | {met} |")
+    lines += ["", "'unsampled only' is met when its ratio is at most 1.01 or within the bare-vs-bare control's "
+              "quarter spread (the machine's noise floor in this run).", ""]
+    budget_runs = [(res, b) for res in results if (b := res.get("budget_run")) is not None]
+    if budget_runs:
+        lines += ["", "Budget mode, a run of its own with more steps (blocks as above, each budget against its own "
+                  "interleaved bare blocks; achieved = the pooled ratio - 1 over the steps after the first third of "
+                  "the configuration's run, i.e. after warm-up; IQR over quarters of those steps; the target is within "
+                  "1 percentage point of the budget):", "",
+                  "| workload | steps | budget | achieved | IQR | whole run | interval chosen | schedule's estimate | "
+                  "A/A control (min-max) | met |",
+                  "|:--|--:|--:|--:|:--|--:|--:|--:|:--|:--|"]
+        for res, b in budget_runs:
+            aa = b["rows"].get(AA)
+            aa_s = "" if aa is None else f"{_pct(aa['ratio'] - 1)} ({_pct(aa['min'] - 1)} to {_pct(aa['max'] - 1)})"
+            for c, r in b["rows"].items():
+                if "budget" in r:
+                    achieved = r["aggregate"] - 1
+                    est = "" if r["estimate"] is None else _pct(r["estimate"])
+                    met = "yes" if abs(achieved - r["budget"]) <= 0.01 else "**no**"
+                    lines.append(
+                        f"| {res['name']} | {r['n']} | {_pct(r['budget'])} | {_pct(achieved)} | "
+                        f"{_pct(r['later_q1'] - 1)}-{_pct(r['later_q3'] - 1)} | {_pct(r['ratio'] - 1)} | "
+                        f"{r['interval']} | {est} | {aa_s} | {met} |"
+                    )
     lines += ["", "Epoch end (per-example folding, `samples.npz`, data map; drained, so background work is included), "
               "once per epoch:", ""]
     for res in results:
@@ -623,7 +646,7 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
             lines.append(f"- {res['name']}: {res['epoch_end_ms']:.0f} ms per epoch end = "
                          f"{_pct(res['epoch_end_ms'] / epoch_ms)} of a {res['steps_per_epoch']}-step epoch")
     if memory:
-        lines += ["", f"Peak memory (VmHWM at the end of training, median of 3 fresh processes each, interleaved; target <= {MEMORY_TARGET_MB:.0f} MB "
+        lines += ["", f"Peak memory (VmHWM at the end of training, median of {MEMORY_REPEATS} fresh processes each, interleaved; target <= {MEMORY_TARGET_MB:.0f} MB "
                   "over bare at defaults; the last column includes teardown, which writes the report files):", "",
                   "| workload | configuration | peak RSS MB | over bare MB | met | after fit, over bare MB |",
                   "|:--|:--|--:|--:|:--|--:|"]
@@ -645,6 +668,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--configs", nargs="*", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--steps", type=int, default=None, help="on steps per configuration (default per workload)")
+    parser.add_argument("--budget-steps", type=int, default=None, help="on steps per budget configuration")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown report to this file")
     parser.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "CONFIG", "STEPS"), help=argparse.SUPPRESS)
@@ -667,8 +691,19 @@ def main() -> None:
         root = Path(tmp)
         for key in args.workloads:
             n = args.steps or (STEPS[key] // 4 if args.quick else STEPS[key])
-            res = time_workload(key, list(args.configs), n, STEP_BLOCK, args.device, root)
+            main_configs = [c for c in args.configs if c not in BUDGETS]
+            budgets = [c for c in args.configs if c in BUDGETS]
+            budget_run = None
+            if budgets:  # the budget needs many sampled steps after warm-up to be measured to 1 point
+                nb = args.budget_steps or (n if args.quick else BUDGET_STEPS[key])
+                budget_run = time_workload(key, [AA, *budgets], nb, STEP_BLOCK, args.device, root)
+            if main_configs:
+                res = time_workload(key, main_configs, n, STEP_BLOCK, args.device, root)
+            else:
+                assert budget_run is not None
+                res = {**budget_run, "rows": {}, "epoch_end_ms": None}
             res["steps_per_config"] = n
+            res["budget_run"] = budget_run
             print(f"[{key}] {res['wall_s']:.0f} s, bare {res['off_ms']:.1f} ms/step", file=sys.stderr, flush=True)
             results.append(res)
         if not args.no_memory:

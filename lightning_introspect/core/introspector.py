@@ -622,6 +622,14 @@ class Introspector:
 
     # ------------------------------------------------------------------------------- writer thread (host)
     def _write_flush(self, host: Callable[[], Optional[np.ndarray]], meta: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._write_flush_now(host, meta)
+        finally:
+            if not meta["counters_only"]:  # the budget counts the writer's time per sampled step (see schedule)
+                self.schedule.add_background(time.perf_counter() - t0)
+
+    def _write_flush_now(self, host: Callable[[], Optional[np.ndarray]], meta: dict[str, Any]) -> None:
         data = host()
         if data is None:
             return

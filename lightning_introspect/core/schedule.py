@@ -28,7 +28,8 @@ class SamplingSchedule:
       the steps that run their batched pass), which no interval can avoid.
 
     Each sampled and after step gives its extra cost ``time / base - 1 - always_on``; the cost of one sampled
-    step, all included, is ``excess = median(sampled) + median(after)`` (or ``median(both)``). The slowdown at
+    step, all included, is ``excess = median(sampled) + median(after)`` (or ``median(both)``), plus the
+    median time the writer thread spent on its flush (:meth:`add_background`), over ``base``. The slowdown at
     interval ``N`` is then ``excess / N + always_on``, and the proposed interval is the ``N`` that brings it
     nearest to the budget. Medians per kind make the estimate robust to other jobs on the machine; pauses
     (a step more than ten times the median of its kind: validation, checkpoints, a debugger) are left out.
@@ -68,6 +69,7 @@ class SamplingSchedule:
         self._own: Deque[float] = deque(maxlen=256)  # plain steps: own time (a window over many batched passes)
         self._extra: dict[str, Deque[float]] = {k: deque(maxlen=16) for k in (SAMPLED, AFTER, BOTH)}
         self._raw: dict[str, Deque[float]] = {k: deque(maxlen=16) for k in (SAMPLED, AFTER, BOTH)}  # before base
+        self._background: Deque[float] = deque(maxlen=16)  # writer-thread seconds per sampled step's flush
         self._start: Optional[float] = None
         self._kind = PLAIN
         self._prev_sampled = False
@@ -95,6 +97,12 @@ class SamplingSchedule:
         if self._start is not None:
             self._record(now - self._start, own_seconds or 0.0)
         self._start = None
+
+    def add_background(self, seconds: float) -> None:
+        """The writer thread's time for one sampled step (its fold and writing); thread-safe (a deque append).
+        It counts as if spent on the training thread: on a busy machine it is (the GIL, shared cores), and
+        a budget should hold whatever the core count."""
+        self._background.append(seconds)
 
     def pause(self) -> None:
         """Forget the running step (epoch end, validation): its duration is not a training step's."""
@@ -152,10 +160,12 @@ class SamplingSchedule:
         fraction of a plain step (None until measured)."""
         s, a, b = (self._extra[k] for k in (SAMPLED, AFTER, BOTH))
         n = self.min_samples
+        base = self.base()
+        bg = median(self._background) / base if self._background and base is not None else 0.0
         if len(s) >= n and len(a) >= n and not (self.interval == 1 and len(b) >= n):
-            return max(median(s) + median(a), 0.0)
+            return max(median(s) + median(a), 0.0) + bg
         if len(b) >= n:
-            return max(median(b), 0.0)
+            return max(median(b), 0.0) + bg
         return None
 
     @property
