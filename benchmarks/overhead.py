@@ -1,6 +1,6 @@
 """Step-time and memory overhead of ``Introspect`` against a bare run, in one process, through a real Trainer.
 
-Run (about 6 minutes on a shared 2-core CPU; ``--quick`` about 1.5)::
+Run (about 20 minutes on a shared 2-core CPU; ``--quick`` about 3)::
 
     python benchmarks/overhead.py                  # all workloads and configurations, markdown on stdout
     python benchmarks/overhead.py --quick          # 4 configurations, a quarter of the steps: a smoke check
@@ -15,6 +15,8 @@ the training set wrapped in ``WithIndex`` (so the default ``Introspect()`` runs 
 
 Configurations, each compared against bare blocks of the same run:
 
+* ``bare again (A/A control)``: blocks that do nothing, measured like every configuration: their ratio and
+  spread are this run's noise floor (an "unsampled" ratio within it is indistinguishable from bare);
 * ``defaults``: ``Introspect()`` (every 50 steps, per-example dynamics on every step);
 * ``defaults, no ids``: ``Introspect(sample_dynamics=False)`` (as if the dataset were not wrapped);
 * ``unsampled only, no ids``: blocks that contain no sampled step (hooks never attached) and no per-example
@@ -22,7 +24,9 @@ Configurations, each compared against bare blocks of the same run:
   every step, cost the difference between ``defaults`` and ``defaults, no ids``);
 * ``everything, every step``: ``every_n_steps=1, warmup_steps=0``, histograms, ``param_grad_norms=True``,
   dead units, update ratios, per-example dynamics;
-* ``budget 1 %`` / ``budget 5 %``: ``Introspect(overhead_budget=0.01 / 0.05)``;
+* ``budget 1 %`` / ``budget 5 %``: ``Introspect(overhead_budget=0.01 / 0.05)``, measured in a run of their
+  own with more steps (``BUDGET_STEPS``, with its own A/A control): a budget needs many sampled steps after
+  warm-up to be measured to a point;
 * anchors: Lightning's ``grad_norm`` logged every step as in its docs
   (``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``), and "naive" per-layer
   forward hooks that call ``.item()`` on mean and std every step and write them with a ``SummaryWriter``

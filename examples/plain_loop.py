@@ -52,7 +52,9 @@ def main() -> None:
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
                 opt.zero_grad()
+                intro.before_backward()  # optional: the writer thread works while backward runs (no GIL)
                 loss.backward()
+                intro.after_backward()
                 intro.observe_gradients(opt)  # gradient norms (sampled steps) and the real update size
                 opt.step()
                 intro.observe_batch(ids, targets=yb, logits=logits.detach(), loss=loss)  # every step

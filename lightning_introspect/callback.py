@@ -76,10 +76,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``alerts/bad_input``              on event    text: ids out of range/repeated, bad targets
     ================================  ==========  ======================================================
 
-    Cost: hooks only on sampled steps, 3-4 kernels per layer call, folded for all layers at the flush;
-    every device-to-host copy happens at a flush (once per sampled step, one batched copy, asynchronous on
-    CUDA) or at an epoch end; writing runs on a background thread. Per-example dynamics keep each step's
-    inputs and compute 16 steps' figures in one batched pass. Records go to ``<log_dir>/introspect/``.
+    Cost: hooks only on sampled steps, 3-4 kernels per layer call on a strided subsample of at most 4,096
+    values; the captures of all layers are folded together on a background thread while the next backward
+    pass runs (on the training thread under DDP, for its all-reduce); every device-to-host copy happens at a
+    flush (once per sampled step, one batched copy, asynchronous on CUDA) or at an epoch end; writing runs on
+    the background thread, during backward passes. Per-example dynamics keep each step's inputs and compute
+    16 steps' figures in one batched pass. Records go to ``<log_dir>/introspect/``.
 
     Args:
         every_n_steps: sample every N optimizer steps (after the warm-up).
