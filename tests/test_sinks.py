@@ -73,3 +73,24 @@ def test_spliced_summaries_equal_protobufs_own_encoding(tmp_path: Path) -> None:
     assert ev.scalars["activation_mean/net.0"] == [(4, -0.25)] and ev.scalars["é/ü"] == [(4, math.inf)]
     (step, got), = ev.histograms["hist/é"]
     assert step == 4 and list(got.bucket) == [1, 0, 9] and list(got.bucket_limit) == [0.1, 1, 2]
+
+
+def test_uint8_image_reads_back_pixel_exact(tmp_path: Path) -> None:
+    """Test that an image written by the sink (PNG straight from uint8) reads back from the event file with
+    its size and every pixel, and that a float image still goes through SummaryWriter's own path."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    sink = TensorBoardSink(tmp_path)
+    sink.add_image("samples/data_map", image, 7)
+    sink.add_image("float", rng.random((5, 4, 3)), 7)
+    sink.close()
+    ev = read_events(tmp_path)
+    (step, got), = ev.images["samples/data_map"]
+    assert step == 7 and (got.height, got.width) == (37, 53)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(got.encoded_image_string))), image)
+    (_, flt), = ev.images["float"]
+    assert (flt.height, flt.width) == (5, 4)
