@@ -466,8 +466,10 @@ class Introspector:
         return torch.device("cpu")
 
     def _flush(self, counters_only: bool = False, drain: bool = False) -> None:
-        """Folds, reduces across ranks and copies to the host the pending window, and hands it to the writer.
-        Per-example inputs still buffered (< ``SAMPLE_BUFFER_STEPS`` steps) are drained only with ``drain``
+        """Ends the pending window: takes its captures and gradient buffers and hands them to the writer
+        thread, which folds, packs and copies them to the host (during the next backward pass). Under DDP the
+        fold and its all-reduce run here, on the training thread, so that every rank issues its collectives
+        in the same order. Per-example inputs still buffered (< ``SAMPLE_BUFFER_STEPS`` steps) are drained only with ``drain``
         (explicit flushes, epoch ends): the flush at a step's start leaves them batched, and the bad-input
         counts they carry are read at a later flush ("up to step N"). Buffered losses are always checked."""
         step = self.step_index if counters_only else self._pending
