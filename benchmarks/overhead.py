@@ -498,10 +498,11 @@ def time_workload(key: str, configs: list[str], steps_per_config: int, block: in
         }
         inst = instances.get(c)
         if inst is not None and inst.config.overhead_budget is not None:
-            later = [s for s in on if s.own_step >= max(s.own_step for s in on) // 3]
+            cut = max(s.own_step for s in on) // 3
+            later = [s for s in on if s.own_step >= cut]
             # against the bare blocks of the same stretch of the run, so that a slow drift of the machine
             # between the first third and the rest does not show as overhead
-            first = next(i for i, s in enumerate(steps) if s.config == c and s.own_step >= max(x.own_step for x in on) // 3)
+            first = next(i for i, s in enumerate(steps) if s.config == c and s.own_step >= cut)
             off_later = [s for s in steps[first:] if s.config is None] or off
             row["budget"] = inst.config.overhead_budget
             row["aggregate"] = slowdown(later, off_later)

@@ -503,21 +503,20 @@ class Introspector:
             grad_layers = sorted(grad.observed_layers()) if grad_observed else []
             grad_updated = grad.updated and not counters_only
             param_positions = sorted(grad.observed_params) if grad_observed and cfg.param_grad_norms else []
-            grad_parts = grad.take(cfg.param_grad_norms) if grad_observed else []
-            if not counters_only:
-                grad.reset()
+            if grad_observed:
+                grad_parts = grad.take(cfg.param_grad_norms)
+            else:
+                grad_parts = []
+                if not counters_only:
+                    grad.reset()
             histogram = self.hooks.histogram and not counters_only
             reduced = True
             if distributed:  # collectives stay on the training thread, in the same order on every rank
                 packed, reduced = self._fold_and_pack(
                     sts, captures, histogram, counts, extra, interval, grad_parts, device, distributed=True
                 )
-                if not counters_only:
-                    self._apply_interval(proposed, interval if reduced else None)
                 host = self._to_host(packed)
             else:
-                if not counters_only:
-                    self._apply_interval(proposed, None)
                 stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
                 def fold_on_writer() -> Optional[np.ndarray]:
@@ -530,6 +529,8 @@ class Introspector:
                         return self._to_host(packed)()
 
                 host = fold_on_writer
+            if not counters_only:  # under DDP, the interval all ranks agreed on in the reduce
+                self._apply_interval(proposed, interval if distributed and reduced else None)
         meta = {
             "step": step,
             "layers": [(n, c.units, c.count > 0, self._windows(st)) for (n, st), c in zip(layers, captures)],

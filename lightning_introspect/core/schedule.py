@@ -161,7 +161,8 @@ class SamplingSchedule:
         s, a, b = (self._extra[k] for k in (SAMPLED, AFTER, BOTH))
         n = self.min_samples
         base = self.base()
-        bg = median(self._background) / base if self._background and base is not None else 0.0
+        background = self._background.copy()  # one C-level copy: the writer thread appends meanwhile
+        bg = median(background) / base if background and base is not None else 0.0
         if len(s) >= n and len(a) >= n and not (self.interval == 1 and len(b) >= n):
             return max(median(s) + median(a), 0.0) + bg
         if len(b) >= n:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -76,11 +76,9 @@ def histogram_counts(x: Tensor, out: Tensor) -> None:
 
     Non-finite values are left out (they are counted separately).
     """
-    counts = torch.zeros(HIST_WIDTH, dtype=out.dtype, device=out.device)
-    idx = _bucket_index(x.detach().reshape(-1))
-    counts.index_add_(0, idx, torch.ones(1, dtype=out.dtype, device=out.device).expand(idx.numel()))
-    counts[_HIST_CENTER] += counts[ZERO_BUCKET]
-    out.add_(counts[:HIST_BINS])
+    counts = _bucket_counts(x.detach().reshape(1, -1))
+    counts[:, _HIST_CENTER] += counts[:, ZERO_BUCKET]
+    out.add_(counts[0, :HIST_BINS].to(out.dtype))
 
 
 def to_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -106,6 +104,18 @@ def _bucket_index(x: Tensor) -> Tensor:
         table = _TABLES[x.device] = torch.as_tensor(_BUCKET_TABLE, device=x.device)
     top = (x.float().view(torch.int32) >> 16) & 0xFFFF
     return table.index_select(0, top.reshape(-1)).view(top.shape)
+
+
+def _bucket_counts(rows: Tensor) -> Tensor:
+    """(E, HIST_WIDTH) float64 bucket counts of each row of ``rows`` (E, m), the zero and non-finite columns
+    included: one lookup and one ``index_add_``, no read."""
+    E, m = rows.shape
+    offsets = torch.arange(E, dtype=torch.int32, device=rows.device).mul_(HIST_WIDTH).unsqueeze(1)
+    bucket = (_bucket_index(rows) + offsets).reshape(-1)
+    counts = torch.zeros(E, HIST_WIDTH, dtype=torch.float64, device=rows.device)
+    ones = torch.ones(1, dtype=torch.float64, device=rows.device).expand(bucket.numel())
+    counts.view(-1).index_add_(0, bucket, ones)
+    return counts
 
 
 class LayerStats:
@@ -184,11 +194,10 @@ class LayerStats:
         self.subs, self.lows, self.highs, self.unit_max = [], [], [], []
 
     def take_captures(self) -> "Captures":
-        """Hands over what was captured since the last flush (to be folded, possibly on another thread) and
-        starts an empty window; the dead-unit streaks stay here."""
+        """Hands over what was captured since the last flush (to be folded, possibly on another thread); new
+        captures start empty lists. The dead-unit streaks and the counters (see :meth:`reset`) stay here."""
         taken = Captures(self.subs, self.lows, self.highs, self.unit_max, self.units, self.device, self.count)
         self.clear_captures()
-        self.count = 0
         return taken
 
     @torch.no_grad()
@@ -208,7 +217,8 @@ class LayerStats:
             self.fired = torch.zeros(self.units, dtype=torch.float32, device=self.device)
             self.hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=self.device)
         assert self.mins is not None and self.fired is not None and self.hist is not None
-        folded = CaptureFolder(self.zero_threshold, self.dead_threshold, max_hist_elements).fold([self], histogram)
+        folder = CaptureFolder(self.zero_threshold, self.dead_threshold, max_hist_elements)
+        folded = folder.fold([self.take_captures()], histogram)
         self.sums.add_(folded["sums"][0])
         torch.minimum(self.mins, folded["mins"][0], out=self.mins)
         self.fired.add_(folded["fired"])
@@ -251,9 +261,6 @@ class Captures:
     device: Optional[torch.device]
     count: int
 
-    def clear_captures(self) -> None:
-        self.subs, self.lows, self.highs, self.unit_max = [], [], [], []
-
 
 class CaptureFolder:
     """Folds the captures of many layers into per-layer figures with a fixed number of kernels.
@@ -270,22 +277,20 @@ class CaptureFolder:
         self.max_hist_elements = max_hist_elements
         self._cache: dict[tuple, Tensor] = {}
 
-    def _index(
-        self, key: tuple, build: Callable[[], list[int]], device: torch.device, dtype: torch.dtype = torch.long,
-    ) -> Tensor:
-        full = (key, device, dtype)
+    def _index(self, key: tuple, build: Callable[[], list[int]], device: torch.device) -> Tensor:
+        full = (key, device)
         idx = self._cache.get(full)
         if idx is None:
             if len(self._cache) > 64:
                 self._cache.clear()
-            idx = self._cache[full] = to_device(build(), dtype, device)
+            idx = self._cache[full] = to_device(build(), torch.long, device)
         return idx
 
     @torch.no_grad()
-    def fold(self, layers: Sequence[Union[LayerStats, Captures]], histogram: bool) -> dict[str, Tensor]:
+    def fold(self, layers: Sequence[Captures], histogram: bool) -> dict[str, Tensor]:
         """Per-layer figures of the captured window, layer-major in the order of ``layers``: ``sums`` (L, 4)
         float64, ``mins`` (L, 2) float32 [min, -max], ``fired`` (sum of units,) float32, ``hist`` (L, BINS)
-        float64. Clears the captures."""
+        float64."""
         L = len(layers)
         device = next((st.device for st in layers if st.device is not None), torch.device("cpu"))
         units = [st.units or 0 for st in layers]
@@ -307,10 +312,7 @@ class CaptureFolder:
             # Bucket counts (with the zero and non-finite columns) of at most max_hist_elements values a row.
             H = X if n <= self.max_hist_elements else X[:, :: -(-n // self.max_hist_elements)]
             scale = n / H.shape[1]
-            offsets = self._index(("hist_rows", E), lambda: [i * HIST_WIDTH for i in range(E)], device, torch.int32)
-            bucket = (_bucket_index(H) + offsets.unsqueeze(1)).reshape(-1)
-            G = torch.zeros(E, HIST_WIDTH, dtype=torch.float64, device=device)
-            G.view(-1).index_add_(0, bucket, torch.ones(1, dtype=torch.float64, device=device).expand(bucket.numel()))
+            G = _bucket_counts(H)
             # Shifted by each row's first value, so that the sum of squares keeps the variance when
             # |mean| >> std; reductions accumulate in float64.
             c = X[:, :1]
@@ -342,8 +344,6 @@ class CaptureFolder:
             idx = self._index(("fired", key, tuple(units)), lambda: [offsets[li] + j for li, n in key for j in range(n)], device)
             fired = (torch.cat([m for _, m in maxes]) > self.dead_threshold).float()
             out["fired"].index_add_(0, idx, fired)
-        for st in layers:
-            st.clear_captures()
         return out
 
 

@@ -20,28 +20,33 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _field(key: bytes, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: its key byte, the payload's length as a varint, the payload."""
+    return key + _varint(len(payload)) + payload
+
+
+# Keys (field number << 3 | wire type) of the fields written: Summary.value = 1; Value.tag = 1,
+# Value.simple_value = 2 (32-bit), Value.histo = 5; HistogramProto min..sum_squares = 1..5 (64-bit),
+# bucket_limit = 6 and bucket = 7 (packed doubles).
+_VALUE, _TAG, _SIMPLE, _HISTO, _LIMITS, _BUCKETS = b"\x0a", b"\x0a", b"\x15", b"\x2a", b"\x32", b"\x3a"
+_HISTO_DOUBLES = (b"\x09", b"\x11", b"\x19", b"\x21", b"\x29")
+
+
 def _scalar_value_head(tag: str) -> bytes:
-    """Protobuf wire bytes of ``Summary.value`` entry (field 1) holding ``Value{tag: tag, simple_value: ?}`` up
-    to the 4 bytes of the float: key, length, then the Value's ``tag`` (field 1) and ``simple_value``'s key
-    (field 2, 32-bit)."""
-    t = tag.encode("utf-8")
-    inner = b"\x0a" + _varint(len(t)) + t + b"\x15"
-    return b"\x0a" + _varint(len(inner) + 4) + inner
+    """Wire bytes of a ``Summary.value`` entry holding ``Value{tag, simple_value}``, up to the 4 bytes of the
+    float (the entry's length counts them)."""
+    inner = _field(_TAG, tag.encode("utf-8")) + _SIMPLE
+    return _VALUE + _varint(len(inner) + 4) + inner
 
 
 def _histogram_value_wire(tag: str, h: Mapping[str, Any]) -> bytes:
     """Protobuf wire bytes of a ``Summary.value`` entry holding ``Value{tag, histo: HistogramProto{...}}``, the
     bucket arrays packed straight from their float64 bytes."""
-    limits = np.asarray(h["bucket_limits"], dtype="<f8").tobytes()
-    counts = np.asarray(h["bucket_counts"], dtype="<f8").tobytes()
     head = np.array([h["min"], h["max"], h["num"], h["sum"], h["sum_squares"]], dtype="<f8").tobytes()
-    histo = b"".join([
-        b"\x09", head[0:8], b"\x11", head[8:16], b"\x19", head[16:24], b"\x21", head[24:32], b"\x29", head[32:40],
-        b"\x32", _varint(len(limits)), limits, b"\x3a", _varint(len(counts)), counts,
-    ])
-    t = tag.encode("utf-8")
-    inner = b"\x0a" + _varint(len(t)) + t + b"\x2a" + _varint(len(histo)) + histo
-    return b"\x0a" + _varint(len(inner)) + inner
+    histo = b"".join(key + head[8 * i : 8 * i + 8] for i, key in enumerate(_HISTO_DOUBLES))
+    histo += _field(_LIMITS, np.asarray(h["bucket_limits"], dtype="<f8").tobytes())
+    histo += _field(_BUCKETS, np.asarray(h["bucket_counts"], dtype="<f8").tobytes())
+    return _field(_VALUE, _field(_TAG, tag.encode("utf-8")) + _field(_HISTO, histo))
 
 
 class TensorBoardSink:
@@ -106,8 +111,8 @@ class TensorBoardSink:
         )
 
     def add_histograms_raw(self, histograms: Sequence[tuple[str, Mapping[str, Any]]], step: int) -> None:
-        """Several pre-bucketed histograms (keyword sets of :meth:`add_histogram_raw`) as ONE event: built
-        straight as protos, about ten times cheaper for the writer thread than one ``add_histogram_raw`` each."""
+        """Several pre-bucketed histograms (keyword sets of :meth:`add_histogram_raw`) as ONE event, spliced as
+        wire bytes: far cheaper for the writer thread than one ``add_histogram_raw`` (and proto objects) each."""
         if not histograms:
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
