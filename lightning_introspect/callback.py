@@ -246,12 +246,15 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             core.num_examples = n
 
     # ------------------------------------------------------------------------------------------------ steps
+    # Every-step hook bodies run inside `core.own_time()`: their Python counts as the tool's own cost, which
+    # the overhead budget takes off before it spaces the sampled steps.
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         core = self._require_core()
-        core.begin_step(trainer.global_step)
-        if self._dynamics and self._logits_in_output is not True:
-            self._captured = None
-            self._capture_handle = pl_module.register_forward_hook(self._capture)
+        with core.own_time():
+            core.begin_step(trainer.global_step)
+            if self._dynamics and self._logits_in_output is not True:
+                self._captured = None
+                self._capture_handle = pl_module.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
@@ -261,29 +264,32 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self.core is not None:
-            self.core.before_backward()
+            with self.core.own_time():
+                self.core.before_backward()
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         if self.core is not None:
-            self.core.after_backward()
+            with self.core.own_time():
+                self.core.after_backward()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._require_core().observe_gradients(optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         core = self._require_core()
-        if self._capture_handle is not None:
-            self._capture_handle.remove()
-            self._capture_handle = None
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        try:
-            if self._dynamics:
-                self._observe_batch(core, outputs, batch, loss)
-            else:
-                core.observe_loss(loss)
-        finally:
-            core.end_step()
-            self._captured = None
+        with core.own_time():
+            if self._capture_handle is not None:
+                self._capture_handle.remove()
+                self._capture_handle = None
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            try:
+                if self._dynamics:
+                    self._observe_batch(core, outputs, batch, loss)
+                else:
+                    core.observe_loss(loss)
+            finally:
+                self._captured = None
+                core.end_step()
 
     def _observe_batch(self, core: Introspector, outputs: Any, batch: Any, loss: Any) -> None:
         out = outputs if isinstance(outputs, Mapping) else {}

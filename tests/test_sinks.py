@@ -54,6 +54,31 @@ def test_a_closed_window_delays_a_job_at_most_the_wait_and_drain_does_not_wait()
     assert time.monotonic() - t0 < 1
 
 
+def test_busy_while_a_job_is_queued_or_running_and_not_after() -> None:
+    """Test that ``busy`` (which the overhead budget reads at each step start) is true from submit until the
+    job has finished, including a job that failed, and false once closed."""
+    w = AsyncWriter()
+    assert not w.busy()
+    release, started = threading.Event(), threading.Event()
+
+    def job() -> None:
+        started.set()
+        release.wait(5)
+
+    w.submit(job)
+    assert w.busy()
+    assert started.wait(5)
+    assert w.busy()  # running
+    release.set()
+    w.drain()
+    assert not w.busy()
+    w.submit(lambda: 1 / 0)
+    w.drain()
+    assert not w.busy() and w.failures == 1
+    w.close()
+    assert not w.busy()
+
+
 def test_spliced_summaries_equal_protobufs_own_encoding(tmp_path: Path) -> None:
     """Test that the sink's hand-spliced scalar and histogram bytes are exactly what protobuf serializes,
     for long and non-ASCII tags and values that overflow float32, and that TensorBoard reads them back."""

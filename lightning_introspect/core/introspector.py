@@ -54,14 +54,19 @@ MAX_WRITTEN_BUCKETS = 40  # histogram buckets per event (adjacent ones merged be
 
 
 def _timed(fn: F) -> F:
-    """Adds the time spent in ``fn`` to ``self.overhead_seconds`` (the tool's own cost, reported)."""
+    """Adds the time spent in ``fn`` to ``self.overhead_seconds`` (the tool's own cost, reported), unless an
+    enclosing :meth:`Introspector.own_time` already counts it."""
 
     @wraps(fn)
     def wrapper(self: "Introspector", *args: Any, **kwargs: Any) -> Any:
+        if self._own_since is not None:
+            return fn(self, *args, **kwargs)
         t0 = time.perf_counter()
+        self._own_since = t0
         try:
             return fn(self, *args, **kwargs)
         finally:
+            self._own_since = None
             self.overhead_seconds += time.perf_counter() - t0
 
     return wrapper  # type: ignore[return-value]
@@ -134,6 +139,7 @@ class Introspector:
         self.model = model
         self.overhead_seconds = 0.0
         self._own_mark = 0.0
+        self._own_since: Optional[float] = None  # start of the timed call in progress (see own_time)
         watch_layers = config.activations or config.dead_units or config.histograms
         self.layers = select_layers(model, config) if watch_layers else []
         self.layer_stats: dict[str, LayerStats] = {}
@@ -192,12 +198,13 @@ class Introspector:
     @_timed
     def begin_step(self, step: int) -> bool:
         """Starts a (micro-)batch of optimizer step ``step``; returns whether it is sampled."""
-        t0, own_mark = time.perf_counter(), self.overhead_seconds  # the step's clock starts before the flush
+        t0, own_mark = self._own_since or time.perf_counter(), self.overhead_seconds  # before the flush
+        writer_busy = self.writer.busy()  # before this step's flush submits work: the last one's still runs
         self.writer.poll()
         if self._pending is not None and self._pending != step:
             self._flush()
         sampled = self.schedule.should_sample(step) or self._diagnose > 0
-        self.schedule.tick(sampled, now=t0)
+        self.schedule.tick(sampled, now=t0, writer_busy=writer_busy)
         self._own_mark = own_mark
         self.sampled = sampled
         self.step_index = step
@@ -215,14 +222,30 @@ class Introspector:
     @_timed
     def end_step(self) -> None:
         """Ends the (micro-)batch: hooks come off; the sampled step is flushed when the next step begins."""
-        t0 = time.perf_counter()
         if self.hooks.attached:
             self.hooks.detach()
         for h in self._step_handles:
             h.remove()
         self._step_handles = []
-        now = time.perf_counter()  # the step's own time: its timed calls so far, and this one
-        self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + (now - t0))
+        now = time.perf_counter()  # the step's own time: its timed calls so far, and the one in progress
+        in_progress = now - self._own_since if self._own_since is not None else 0.0
+        self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + in_progress)
+
+    @contextmanager
+    def own_time(self) -> Iterator[None]:
+        """Counts the time inside as the tool's own (``overhead_seconds``, and the budget's every-step cost):
+        for a framework adapter's code around the core's calls (a callback's hook bodies). Nested timed calls
+        are counted once."""
+        if self._own_since is not None:
+            yield
+            return
+        t0 = time.perf_counter()
+        self._own_since = t0
+        try:
+            yield
+        finally:
+            self._own_since = None
+            self.overhead_seconds += time.perf_counter() - t0
 
     def before_backward(self) -> None:
         """Optional, right before ``loss.backward()``: lets the writer thread work while the backward pass runs
@@ -625,14 +648,6 @@ class Introspector:
 
     # ------------------------------------------------------------------------------- writer thread (host)
     def _write_flush(self, host: Callable[[], Optional[np.ndarray]], meta: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        try:
-            self._write_flush_now(host, meta)
-        finally:
-            if not meta["counters_only"]:  # the budget counts the writer's time per sampled step (see schedule)
-                self.schedule.add_background(time.perf_counter() - t0)
-
-    def _write_flush_now(self, host: Callable[[], Optional[np.ndarray]], meta: dict[str, Any]) -> None:
         data = host()
         if data is None:
             return

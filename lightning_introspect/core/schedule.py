@@ -7,7 +7,17 @@ from collections import deque
 from statistics import median
 from typing import Any, Deque, Optional
 
-PLAIN, SAMPLED, AFTER, BOTH = "plain", "sampled", "after", "both"  # kinds of step, see SamplingSchedule
+# kinds of step, see SamplingSchedule
+PLAIN, SAMPLED, AFTER, BOTH, TAIL = "plain", "sampled", "after", "both", "tail"
+
+
+def _central_mean(xs: Deque[float]) -> float:
+    """Mean of the middle half (the interquartile mean): as robust to bursts of load as the median, and
+    less noisy on the well-behaved rest."""
+    v = sorted(xs)
+    q = len(v) // 4
+    mid = v[q : len(v) - q] or v
+    return sum(mid) / len(mid)
 
 
 class SamplingSchedule:
@@ -17,26 +27,29 @@ class SamplingSchedule:
     ``overhead_budget`` the interval adapts so that the slowdown over the same steps without the tool stays
     at the budget.
 
-    How the cost is measured. The tool calls :meth:`tick` when a step starts and :meth:`end` when it ends,
-    each time with its own time in the step (``own_seconds``). A step is one of four kinds: *sampled*, *after*
-    (the step after a sampled one: it flushes the sampled step's statistics at its start and shares the CPU
-    with the writer thread that formats and writes them), *both* (sampled and after, e.g. at interval 1) and
-    *plain* (everything else). On plain steps:
+    How the cost is measured: from step times alone, on the training thread, which is where a slowdown is
+    felt. The tool calls :meth:`tick` when a step starts and :meth:`end` when it ends, each time with its own
+    time in the step (``own_seconds``). A sampled step opens a *cycle* of steps that pay for it: the *sampled*
+    step, the *after* step (the next one, which flushes it), and *tail* steps (further steps that start while
+    the writer thread still works on that flush, ``tick(writer_busy=True)``: its fold and writing compete for
+    the GIL and the cores). A step that is sampled and flushes the one before (interval 1) is *both*. The
+    other steps are *plain*:
 
-    * ``base`` = median of (step time - own time): the step without the tool;
-    * ``always_on`` = mean own time / ``base``: the tool's every-step work (per-example dynamics, including
-      the steps that run their batched pass), which no interval can avoid.
+    * ``base`` = median of (step time - own time) over plain steps: the step without the tool;
+    * ``always_on`` = mean own time / ``base`` over plain steps: the tool's every-step work (per-example
+      dynamics, including the steps that run their batched pass), which no interval can avoid.
 
-    Each sampled and after step gives its extra cost ``time / base - 1 - always_on``; the cost of one sampled
-    step, all included, is ``excess = median(sampled) + median(after)`` (or ``median(both)``), plus the
-    median time the writer thread spent on its flush (:meth:`add_background`), over ``base``. The slowdown at
-    interval ``N`` is then ``excess / N + always_on``, and the proposed interval is the ``N`` that brings it
-    nearest to the budget. Medians per kind make the estimate robust to other jobs on the machine; pauses
-    (a step more than ten times the median of its kind: validation, checkpoints, a debugger) are left out.
-    The interval moves only when the target differs by more than 10 %, and by at most a factor of 4 per
-    update, so it settles instead of oscillating. Step time is in-step time (from :meth:`tick` to :meth:`end`:
-    forward, backward, optimizer), so time spent loading data only makes the real slowdown smaller. Without
-    :meth:`end` calls, start-to-start times are used.
+    Each step of a cycle gives its extra cost ``time / base - 1 - always_on``. The cost of one sampled step,
+    all included, is ``excess = median(sampled) + median(after)`` (or ``median(both)``) ``+ median(tail) x``
+    the mean number of tail steps per cycle, over the last 32 of each: what a sample costs the training
+    thread whatever the machine does with the writer thread (a free core makes it cheap, a busy one does
+    not). The slowdown at interval ``N`` is then ``excess / N + always_on``, and the proposed interval is the
+    ``N`` that brings it nearest to the budget. Medians per kind make the estimate robust to other jobs on
+    the machine; pauses (a step more than ten times the median of its kind: validation, checkpoints, a
+    debugger) are left out. The interval moves only when the target differs by more than 10 %, and by at
+    most a factor of 4 per update, so it settles instead of oscillating. Step time is in-step time (from
+    :meth:`tick` to :meth:`end`: forward, backward, optimizer), so time spent loading data only makes the
+    real slowdown smaller. Without :meth:`end` calls, start-to-start times are used.
 
     If ``always_on`` alone takes more than three quarters of the budget, the sampled steps still keep a
     quarter of it (:attr:`budget_unreachable` is then True and the slowdown is about ``always_on + budget / 4``).
@@ -50,6 +63,7 @@ class SamplingSchedule:
     GAP_FACTOR = 10.0  # a step this many times longer than the median of its kind is a pause
     DEADBAND = 0.1  # the interval moves when the target differs by more than this fraction
     MAX_FACTOR = 4.0  # and by at most this factor per update
+    WINDOW = 64  # cycle steps of each kind (and cycles) the excess is measured over
 
     def __init__(
         self,
@@ -67,27 +81,47 @@ class SamplingSchedule:
         self._plain: Deque[float] = deque(maxlen=64)  # plain steps: time - own time
         self._plain_time: Deque[float] = deque(maxlen=64)  # plain steps: time (for the pause test)
         self._own: Deque[float] = deque(maxlen=256)  # plain steps: own time (a window over many batched passes)
-        self._extra: dict[str, Deque[float]] = {k: deque(maxlen=16) for k in (SAMPLED, AFTER, BOTH)}
-        self._raw: dict[str, Deque[float]] = {k: deque(maxlen=16) for k in (SAMPLED, AFTER, BOTH)}  # before base
-        self._background: Deque[float] = deque(maxlen=16)  # writer-thread seconds per sampled step's flush
+        kinds = (SAMPLED, AFTER, BOTH, TAIL)
+        self._extra: dict[str, Deque[float]] = {k: deque(maxlen=self.WINDOW) for k in kinds}
+        self._time: dict[str, Deque[float]] = {k: deque(maxlen=self.WINDOW) for k in kinds}  # for the pause test
+        self._raw: dict[str, list[float]] = {k: [] for k in kinds}  # measured before the base was known
+        self._tails: Deque[int] = deque(maxlen=self.WINDOW)  # tail steps of each recent cycle
+        self._tail_count: Optional[int] = None  # tail steps of the running cycle (None: no cycle running)
         self._start: Optional[float] = None
         self._kind = PLAIN
-        self._prev_sampled = False
         self._steps = 0
+        self._since_plain = 0
 
     def should_sample(self, step: int) -> bool:
         return step < self.warmup_steps or step % self.interval == 0
 
     # ------------------------------------------------------------------------------------------------ timing
-    def tick(self, sampled: bool, now: Optional[float] = None, own_seconds: Optional[float] = None) -> None:
+    def tick(
+        self, sampled: bool, now: Optional[float] = None, own_seconds: Optional[float] = None,
+        writer_busy: bool = False,
+    ) -> None:
         """Called when a step starts. Without an :meth:`end` call for the previous step, its duration is the
-        time since the previous :meth:`tick` and ``own_seconds`` is the tool's own time in it."""
+        time since the previous :meth:`tick` and ``own_seconds`` is the tool's own time in it.
+        ``writer_busy``: whether the writer thread still has work queued or running (read before this step
+        submits any)."""
         now = time.perf_counter() if now is None else now
         if self._start is not None:
             self._record(now - self._start, own_seconds or 0.0)
-        after = self._prev_sampled and self._steps > 0
-        self._kind = BOTH if sampled and after else SAMPLED if sampled else AFTER if after else PLAIN
-        self._prev_sampled = sampled
+        prev = self._kind
+        flushes = prev in (SAMPLED, BOTH) and self._steps > 0
+        if sampled:
+            self._close_cycle()
+            self._tail_count = 0
+            self._kind = BOTH if flushes else SAMPLED
+        elif flushes:
+            self._kind = AFTER
+        elif self._tail_count is not None and writer_busy:
+            self._kind = TAIL
+            self._tail_count += 1
+        else:
+            self._close_cycle()
+            self._kind = PLAIN
+        self._since_plain = 0 if self._kind == PLAIN else self._since_plain + 1
         self._steps += 1
         self._start = now
 
@@ -98,15 +132,14 @@ class SamplingSchedule:
             self._record(now - self._start, own_seconds or 0.0)
         self._start = None
 
-    def add_background(self, seconds: float) -> None:
-        """The writer thread's time for one sampled step (its fold and writing); thread-safe (a deque append).
-        It counts as if spent on the training thread: on a busy machine it is (the GIL, shared cores), and
-        a budget should hold whatever the core count."""
-        self._background.append(seconds)
-
     def pause(self) -> None:
         """Forget the running step (epoch end, validation): its duration is not a training step's."""
         self._start = None
+
+    def _close_cycle(self) -> None:
+        if self._tail_count is not None:
+            self._tails.append(self._tail_count)
+        self._tail_count = None
 
     def _record(self, seconds: float, own: float) -> None:
         if self._steps == 1:  # the very first step allocates and compiles: not representative
@@ -123,15 +156,15 @@ class SamplingSchedule:
                     self._extra[k].extend(self._relative(t) for t in raw)
                     raw.clear()
             return
-        base = self.base()
-        if base is None:
+        seen = self._time[kind]
+        if len(seen) >= self.min_samples and seconds > self.GAP_FACTOR * median(seen):
+            return
+        seen.append(seconds)
+        if self.base() is None:
             self._raw[kind].append(seconds)
-            return
-        extra = self._relative(seconds)
-        seen = self._extra[kind]
-        if len(seen) >= self.min_samples and extra + 1 > self.GAP_FACTOR * (median(seen) + 1):
-            return
-        seen.append(extra)
+            del self._raw[kind][: -self.WINDOW]
+        else:
+            self._extra[kind].append(self._relative(seconds))
 
     def _relative(self, seconds: float) -> float:
         base = self.base()
@@ -156,17 +189,15 @@ class SamplingSchedule:
         return sum(self._own) / len(self._own) / base
 
     def excess(self) -> Optional[float]:
-        """Measured extra cost of one sampled step (hooks, its flush and the writer's work included), as a
-        fraction of a plain step (None until measured)."""
-        s, a, b = (self._extra[k] for k in (SAMPLED, AFTER, BOTH))
+        """Measured extra cost of one sampled step (hooks, its flush and the writer's work, as far as they slow
+        the training thread), as a fraction of a plain step (None until measured)."""
+        s, a, b, t = (self._extra[k] for k in (SAMPLED, AFTER, BOTH, TAIL))
         n = self.min_samples
-        base = self.base()
-        background = self._background.copy()  # one C-level copy: the writer thread appends meanwhile
-        bg = median(background) / base if background and base is not None else 0.0
+        tail = _central_mean(t) * sum(self._tails) / len(self._tails) if t and self._tails else 0.0
         if len(s) >= n and len(a) >= n and not (self.interval == 1 and len(b) >= n):
-            return max(median(s) + median(a), 0.0) + bg
+            return max(_central_mean(s) + _central_mean(a) + tail, 0.0)
         if len(b) >= n:
-            return max(median(b), 0.0) + bg
+            return max(_central_mean(b) + tail, 0.0)
         return None
 
     @property
@@ -191,9 +222,10 @@ class SamplingSchedule:
         toward :meth:`target_interval`, moving only by more than 10 % and at most 4x per update."""
         target = self.target_interval()
         cur = self.interval
-        if target is None and self.overhead_budget is not None and cur <= 2 and not self._plain:
-            # Every step is sampled or flushes the one before: no plain step measures the bare cost. Make room.
-            return 3
+        if target is None and self.overhead_budget is not None and self.base() is None and (
+            self._since_plain > 2 * cur + self.warmup_steps
+        ):  # every step is in a cycle: no plain step measures the bare cost. Make room.
+            return int(min(max(3, 2 * cur), self.max_interval))
         if target is None or abs(target - cur) <= self.DEADBAND * cur:
             return cur
         step = min(max(target, math.floor(cur / self.MAX_FACTOR)), math.ceil(cur * self.MAX_FACTOR))

@@ -66,6 +66,10 @@ class AsyncWriter:
                     "often (`every_n_steps`) or log fewer statistics.", RuntimeWarning,
                 )
 
+    def busy(self) -> bool:
+        """Whether a submitted job is queued or running (cheap; read without a lock)."""
+        return self._queue.unfinished_tasks > 0 and self._thread.is_alive()
+
     def window(self, is_open: bool) -> None:
         """Jobs run while the window is open (the training thread says when: during the backward pass, which
         runs in C++ without the GIL) or after waiting ``MAX_WINDOW_WAIT_S``. Writing is Python and holds the
@@ -126,6 +130,7 @@ class AsyncWriter:
         while True:
             job = self._queue.get()
             if job is None:
+                self._queue.task_done()
                 return
             if self._gated:
                 self._open.wait(self.MAX_WINDOW_WAIT_S)
@@ -138,3 +143,5 @@ class AsyncWriter:
                     "and figures already written are kept. Check free space and permissions of the log dir.",
                     RuntimeWarning,
                 )
+            finally:
+                self._queue.task_done()

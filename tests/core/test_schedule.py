@@ -25,19 +25,25 @@ def run(
     use_end: bool = True,
     pause_every: int = 0,
     pause_s: float = 5.0,
+    busy_steps: int = 0,
+    tell_busy: bool = True,
 ) -> tuple[list[int], float, float]:
     """Drives ``s`` as the Introspector does: ``tick`` at each step start, ``end`` at its end, and the
     proposed interval adopted when the step after a sampled one flushes it. ``seconds(kind, step)`` gives a
-    step's time, ``kind`` in {"sampled", "after", "plain"}; ``own`` of it is the tool's every-step work.
+    step's time, ``kind`` in {"sampled", "after", "tail", "plain"}: "tail" are the ``busy_steps`` steps after
+    the flushing one, which start while the writer thread still works on the flush (``tick(writer_busy=...)``,
+    unless ``tell_busy`` is False). ``own`` of a plain step's time is the tool's every-step work.
     Returns the interval after each step and the total time of the steps with and without the tool."""
-    now, history, prev_sampled = 100.0, [], False
+    now, history, prev_sampled, since_sampled = 100.0, [], False, 10**9
     with_tool = bare = 0.0
     for step in range(steps):
         sampled = s.should_sample(step)
         if prev_sampled:  # the flush of the previous step, as the Introspector's begin_step does it
             s.interval = s.proposed_interval()
-        s.tick(sampled, now=now)
-        kind = "sampled" if sampled else "after" if prev_sampled else "plain"
+        since_sampled = 0 if sampled else since_sampled + 1
+        tail = 2 <= since_sampled <= 1 + busy_steps
+        s.tick(sampled, now=now, writer_busy=tail and tell_busy)
+        kind = "sampled" if sampled else "after" if prev_sampled else "tail" if tail else "plain"
         dt = seconds(kind, step)
         now += dt
         with_tool += dt
@@ -120,6 +126,37 @@ def test_cost_of_the_step_after_a_sampled_one_counts() -> None:
     history, _, _ = run(s, 1500, split)
     assert s.excess() == pytest.approx(1.0, abs=1e-6)
     assert history[-1] == 20
+
+
+def tailing(kind: str, step: int) -> float:
+    """+50 % on the sampled step, +25 % on the flushing one, +12.5 % on each of two steps while the writer
+    thread still works (it competes for the GIL and the cores): one sample costs a whole plain step."""
+    return PLAIN_S * {"sampled": 1.5, "after": 1.25, "tail": 1.125}.get(kind, 1.0)
+
+
+@pytest.mark.parametrize(("tell_busy", "excess", "interval"), [(True, 1.0, 20), (False, 0.75, 15)])
+def test_steps_slowed_by_the_writer_count(tell_busy: bool, excess: float, interval: int) -> None:
+    """Test that the steps which start while the writer thread still works on a flush belong to the sampled
+    step's cost: told so, the schedule measures the whole cost (1.0, interval 20); not told, those steps
+    pass as plain ones and the cost is underestimated (0.75, interval 15), which is why the tool tells it."""
+    s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+    history, _, _ = run(s, 1500, tailing, busy_steps=2, tell_busy=tell_busy)
+    assert s.excess() == pytest.approx(excess, abs=1e-6)
+    assert abs(history[-1] - interval) <= SamplingSchedule.DEADBAND * interval  # settled within the deadband
+
+
+def test_writer_that_never_rests_makes_room_for_plain_steps() -> None:
+    """Test that when every step is sampled and the writer stays busy for four steps after each flush, no
+    step is plain and the bare cost cannot be measured: the schedule widens the interval until it can, then
+    settles on the measured cost (1.0 + 0.5 + 4 x 0.25 = 2.5 plain steps per sample, 5 %: interval 50)."""
+    def slow_writer(kind: str, step: int) -> float:
+        return PLAIN_S * {"sampled": 2.0, "after": 1.5, "tail": 1.25}.get(kind, 1.0)
+
+    s = SamplingSchedule(every_n_steps=1, warmup_steps=0, overhead_budget=0.05)
+    history, _, _ = run(s, 3000, slow_writer, busy_steps=4)
+    assert history[0] == 1 and s.base() == pytest.approx(PLAIN_S, rel=1e-6)
+    assert s.excess() == pytest.approx(2.5, abs=1e-6)
+    assert abs(history[-1] - 50) <= SamplingSchedule.DEADBAND * 50
 
 
 def test_always_on_cost_is_taken_off_the_budget() -> None:
