@@ -355,10 +355,23 @@ class Step:
     forward_s: float
     sampled: bool
     callback_s: float
+    kind: str = "plain"  # sampled, after (flushes the sampled one), tail (the writer still works), plain
+    ref: float = float("nan")  # median bare step of the bare blocks right before and after this step's block
+
+    @property
+    def relative(self) -> float:
+        return self.seconds / self.ref
 
 
 class Controller(pl.Callback):
-    """First callback: switches configurations at block starts and starts each step's clock."""
+    """First callback: switches configurations at block starts and starts each step's clock.
+
+    A block of an ``Introspect`` configuration goes on past its planned length while that configuration's
+    writer thread still works (at most ``MAX_EXTEND`` steps), so that its writing slows its own steps as in
+    a real run; whatever is still queued then is drained at the switch and the drain's time is added to the
+    block's last step (serially, an upper bound of what it would cost running alongside training)."""
+
+    MAX_EXTEND = 3
 
     def __init__(self, plan: list[Optional[str]], block: int, switch: Switch, naive: NaiveActivationStats,
                  sync_cuda: bool) -> None:
@@ -366,18 +379,42 @@ class Controller(pl.Callback):
         self.config: Optional[str] = None
         self.anchor_steps: dict[str, int] = {}
         self.t0 = 0.0
+        self.position, self.left, self.extended = -1, 0, 0
+        self.kind = "plain"
+        self.tail: Optional["Tail"] = None
+
+    @property
+    def block_index(self) -> int:
+        return max(self.position, 0)
+
+    def _core(self) -> Any:
+        inst = self.switch.instances.get(self.config or "")
+        return None if inst is None else inst.core
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.block == 0:
-            config = self.plan[min(step // self.block, len(self.plan) - 1)]
-            if config != self.config:
-                self.naive.detach()
-                pl_module.anchor_grad_norm = config == "anchor: Lightning grad_norm"
-                if config == "anchor: naive .item() hooks":
-                    self.naive.attach(pl_module.net)
-                self.switch.activate(config)
-                self.config = config
+        core = self._core()
+        if self.left == 0:
+            if core is not None and self.extended < self.MAX_EXTEND and core.writer.busy():
+                self.left, self.extended = 1, self.extended + 1
+            else:
+                self.position += 1
+                self.left, self.extended = self.block, 0
+                config = self.plan[self.position] if self.position < len(self.plan) else None
+                if config != self.config:
+                    self.naive.detach()
+                    pl_module.anchor_grad_norm = config == "anchor: Lightning grad_norm"
+                    if config == "anchor: naive .item() hooks":
+                        self.naive.attach(pl_module.net)
+                    t0 = time.perf_counter()
+                    self.switch.activate(config)  # drains what the last configuration still has queued
+                    if core is not None and self.tail is not None and self.tail.steps:
+                        self.tail.steps[-1].seconds += time.perf_counter() - t0
+                    self.config = config
+                    core = self._core()
+        self.left -= 1
+        self.kind = "plain" if core is None else "after" if core._pending is not None else (
+            "tail" if core.writer.busy() else "plain")
         self.naive.step = step
         self.switch.callback_s = 0.0
         if self.sync_cuda:
@@ -403,8 +440,9 @@ class Tail(pl.Callback):
             own = self.c.anchor_steps.get(c or "", 0)
             self.c.anchor_steps[c or ""] = own + 1
             sampled = c == "anchor: naive .item() hooks"
-        segment = 4 * (trainer.global_step - 1) // (len(self.c.plan) * self.c.block)
-        self.steps.append(Step(c, own, min(segment, 3), dt, pl_module.last_forward_s, sampled, sw.callback_s))
+        segment = 4 * self.c.block_index // len(self.c.plan)
+        kind = "sampled" if sampled else self.c.kind
+        self.steps.append(Step(c, own, min(segment, 3), dt, pl_module.last_forward_s, sampled, sw.callback_s, kind))
 
 
 def make_plan(configs: list[str], steps_per_config: int, block: int, burn_in: int) -> list[Optional[str]]:
@@ -425,26 +463,44 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
-def robust_seconds(steps: list[Step]) -> float:
-    """Total time of these steps, robust to bursts of load from other jobs: per kind of step (a sampled step
-    or the one after it, which carries its flush; the rest) the count times the median time of that kind.
-    A kind with at most 5 steps enters with its plain sum."""
+KINDS = ("sampled", "after", "tail", "plain")
+
+
+def robust_total(steps: list[Step], value: Callable[[Step], float]) -> float:
+    """Sum of ``value`` over these steps, robust to bursts of load from other jobs: per kind of step (sampled;
+    the next one, which carries its flush; later ones while the writer thread still works; the rest) the count
+    times the median of that kind. A kind with at most 5 steps enters with its plain sum."""
     total = 0.0
-    hot_flags, prev = [], False
-    for s in steps:
-        hot_flags.append(s.sampled or prev)
-        prev = s.sampled
-    for kind in (True, False):
-        times = [s.seconds for s, h in zip(steps, hot_flags) if h == kind]
-        if times:
-            total += sum(times) if len(times) <= 5 else len(times) * statistics.median(times)
+    for kind in KINDS:
+        xs = [value(s) for s in steps if s.kind == kind]
+        if xs:
+            total += sum(xs) if len(xs) <= 5 else len(xs) * statistics.median(xs)
     return total
 
 
-def slowdown(on: list[Step], off: list[Step]) -> float:
-    if not on or not off:
-        return float("nan")
-    return (robust_seconds(on) / len(on)) / statistics.median(s.seconds for s in off)
+def slowdown(on: list[Step]) -> float:
+    """Pooled step time of ``on`` relative to bare: each step over the median bare step of the bare blocks
+    right before and after its own block (local pairing, so that the machine's load, which drifts over
+    seconds, is the same in numerator and denominator)."""
+    on = [s for s in on if math.isfinite(s.ref)]
+    return robust_total(on, lambda s: s.relative) / len(on) if on else float("nan")
+
+
+def pair_with_bare_neighbours(steps: list[Step]) -> None:
+    """Sets each on step's ``ref``: the median time of the bare steps in the bare blocks adjacent to its block."""
+    runs: list[tuple[Optional[str], list[Step]]] = []
+    for s in steps:
+        if runs and runs[-1][0] == s.config:
+            runs[-1][1].append(s)
+        else:
+            runs.append((s.config, [s]))
+    for i, (config, run) in enumerate(runs):
+        if config is None:
+            continue
+        near = [s.seconds for j in (i - 1, i + 1) if 0 <= j < len(runs) and runs[j][0] is None for s in runs[j][1]]
+        ref = statistics.median(near) if near else float("nan")
+        for s in run:
+            s.ref = ref
 
 
 def time_workload(key: str, configs: list[str], steps_per_config: int, block: int, device: str,
@@ -467,8 +523,10 @@ def time_workload(key: str, configs: list[str], steps_per_config: int, block: in
     plan = make_plan(configs, steps_per_config, block, burn_in)
     controller = Controller(plan, block, switch, naive, device == "cuda")
     tail = Tail(controller)
+    controller.tail = tail
+    extra = sum(c in instances for c in plan) * Controller.MAX_EXTEND  # room for extended blocks
     trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=len(plan) * block,
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=len(plan) * block + extra,
         max_epochs=10**6, callbacks=[controller, switch, tail],
         logger=TensorBoardLogger(str(root), name=key), enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
@@ -478,21 +536,22 @@ def time_workload(key: str, configs: list[str], steps_per_config: int, block: in
     wall = time.perf_counter() - t0
     naive.writer.close()
     steps = tail.steps[burn_in * block :]
+    pair_with_bare_neighbours(steps)
     off = [s for s in steps if s.config is None]
     rows = {}
     for c in configs:
         on = [s for s in steps if s.config == c and s.own_step >= block]  # its first block: warm-up, left out
         if not on:
             continue
-        segs = [slowdown([s for s in on if s.segment == k], [s for s in off if s.segment == k]) for k in range(4)]
+        segs = [slowdown([s for s in on if s.segment == k]) for k in range(4)]
         segs = [r for r in segs if math.isfinite(r)]
         fwd_cold = [s.forward_s for s in on if not s.sampled] or [s.forward_s for s in off]
         base_fwd = statistics.median(fwd_cold)
         total = sum(s.seconds for s in on)
         q1, _, q3 = quartiles(segs)
         row: dict[str, Any] = {
-            "ratio": slowdown(on, off), "q1": q1, "q3": q3, "min": min(segs), "max": max(segs), "n": len(on),
-            "on_ms": robust_seconds(on) / len(on) * 1e3, "sampled": sum(s.sampled for s in on),
+            "ratio": slowdown(on), "q1": q1, "q3": q3, "min": min(segs), "max": max(segs), "n": len(on),
+            "on_ms": robust_total(on, lambda s: s.seconds) / len(on) * 1e3, "sampled": sum(s.sampled for s in on),
             "callback": sum(s.callback_s for s in on) / total,
             "hooks": sum(max(s.forward_s - base_fwd, 0.0) for s in on if s.sampled) / total,
         }
@@ -500,15 +559,11 @@ def time_workload(key: str, configs: list[str], steps_per_config: int, block: in
         if inst is not None and inst.config.overhead_budget is not None:
             cut = max(s.own_step for s in on) // 3
             later = [s for s in on if s.own_step >= cut]
-            # against the bare blocks of the same stretch of the run, so that a slow drift of the machine
-            # between the first third and the rest does not show as overhead
-            first = next(i for i, s in enumerate(steps) if s.config == c and s.own_step >= cut)
-            off_later = [s for s in steps[first:] if s.config is None] or off
             row["budget"] = inst.config.overhead_budget
-            row["aggregate"] = slowdown(later, off_later)
+            row["aggregate"] = slowdown(later)
             lo_step = min(s.own_step for s in later)
             span = max(s.own_step for s in later) - lo_step + 1
-            parts = [slowdown([s for s in later if 4 * (s.own_step - lo_step) // span == k], off_later) for k in range(4)]
+            parts = [slowdown([s for s in later if 4 * (s.own_step - lo_step) // span == k]) for k in range(4)]
             parts = [x for x in parts if math.isfinite(x)]
             row["later_q1"], _, row["later_q3"] = quartiles(parts)
             row["interval"] = inst.core.schedule.interval
