@@ -39,12 +39,15 @@ Trainer's hooks to that configuration's own ``Introspect`` (or turns the anchor 
 count, so its warm-up, sampling interval and budget run as in a real fit; in an "off" block it forwards
 nothing: no hook is attached and no per-step work is done. A step is timed from the first callback's
 ``on_train_batch_start`` to the last callback's ``on_train_batch_end`` (data loading and epoch ends are
-outside; the flush of a sampled step happens at the next step's start, inside; the background writer
-runs during the steps, and is drained, untimed, when its configuration's block ends, so that nothing of
-an "on" block spills into the next block; that is at most one step's writing). The ratio pools each
-configuration's steps after its first block: per kind of step (a sampled step and the next one, which
-carries its flush, vs. the rest) the count times the median time of that kind, over the median bare step;
-the spread is the same ratio in each quarter of the run. Also given: the time spent inside the callback
+outside; the flush of a sampled step happens at the next step's start, inside). The background writer runs
+during the steps; a block of an ``Introspect`` configuration goes on for up to 3 more steps while its writer
+still works, and what is left is drained at the switch, timed, and added to the block's last step (the
+drain runs alone, so this errs on the costly side). Each "on" step is taken relative to the median bare
+step of the bare blocks right before and after its block (local pairing: the machine's load drifts over
+seconds). The ratio pools each configuration's steps after its first block: per kind of step (sampled; the
+next one, which carries its flush; later ones that start while the writer still works; the rest) the count
+times the median relative time of that kind, over their number; the spread is the same ratio in each
+quarter of the run. Also given: the time spent inside the callback
 (wall time of the forwarded calls) and inside forward hooks (forward time of sampled steps minus the median
 forward time of unsampled ones) as a share of the configuration's step time. Epoch ends (per-example
 folding, records and the data map, written by the background thread) are drained and timed separately,
@@ -652,10 +655,13 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
         f"jobs), torch {torch.__version__} with 1 thread, lightning {pl.__version__}, Python "
         f"{platform.python_version()}, device `{args.device}`; total {total_s:.0f} s.  ",
-        f"Blocks of {results[0]['block']} steps alternate bare and on; ms/step and ratio are pooled over the run "
-        "(per kind of step, sampled+next vs. the rest: count x median time; over the median bare step); IQR and "
-        "min-max: the same ratio in each quarter of the run; 'in callback' / 'in hooks': share of the on steps' "
-        "time spent in the forwarded callback calls / in forward hooks (sampled forward minus median forward).",
+        f"Blocks of {results[0]['block']} steps alternate bare and on (an on block runs up to "
+        f"{Controller.MAX_EXTEND} steps longer while its writer works; what is left is drained, timed, into the "
+        "block); each on step is taken over the median bare step of the bare blocks around its block; ratio: "
+        "pooled over the run (per kind of step: sampled, flushing, writer still busy, the rest: count x median); "
+        "ms/step: the same pooling of raw times; IQR and min-max: the ratio in each quarter of the run; "
+        "'in callback' / 'in hooks': share of the on steps' time spent in the forwarded callback calls / in "
+        "forward hooks (sampled forward minus median forward).",
         "",
         "Steps per configuration (on steps, bare steps as many): "
         + ", ".join(f"{r['key']} {r['steps_per_config']}" for r in results) + ".",
@@ -684,9 +690,8 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
     if budget_runs:
         lines += ["", "Budget mode, a run of its own with more steps (blocks as above, each budget against its own "
                   "interleaved bare blocks; achieved = the pooled ratio - 1 over the steps after the first third of "
-                  "the configuration's run, i.e. after warm-up, over the bare blocks of that same stretch; IQR over quarters "
-                  "of those steps; the target is within "
-                  "1 percentage point of the budget):", "",
+                  "the configuration's run, i.e. after warm-up; IQR over quarters of those steps; the target is "
+                  "within 1 percentage point of the budget):", "",
                   "| workload | steps | budget | achieved | IQR | whole run | interval chosen | schedule's estimate | "
                   "A/A control (min-max) | met |",
                   "|:--|--:|--:|--:|:--|--:|--:|--:|:--|:--|"]

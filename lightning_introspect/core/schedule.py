@@ -35,21 +35,25 @@ class SamplingSchedule:
     the GIL and the cores). A step that is sampled and flushes the one before (interval 1) is *both*. The
     other steps are *plain*:
 
-    * ``base`` = median of (step time - own time) over plain steps: the step without the tool;
+    * ``base`` = median of (step time - own time) over the last 16 plain steps: the step without the tool
+      (recent steps only: the machine's speed drifts when other jobs come and go);
     * ``always_on`` = mean own time / ``base`` over plain steps: the tool's every-step work (per-example
-      dynamics, including the steps that run their batched pass), which no interval can avoid.
+      dynamics, including the steps that run their batched pass, and the framework adapter's hook bodies),
+      which no interval can avoid.
 
-    Each step of a cycle gives its extra cost ``time / base - 1 - always_on``. The cost of one sampled step,
-    all included, is ``excess = median(sampled) + median(after)`` (or ``median(both)``) ``+ median(tail) x``
-    the mean number of tail steps per cycle, over the last 32 of each: what a sample costs the training
-    thread whatever the machine does with the writer thread (a free core makes it cheap, a busy one does
-    not). The slowdown at interval ``N`` is then ``excess / N + always_on``, and the proposed interval is the
-    ``N`` that brings it nearest to the budget. Medians per kind make the estimate robust to other jobs on
-    the machine; pauses (a step more than ten times the median of its kind: validation, checkpoints, a
-    debugger) are left out. The interval moves only when the target differs by more than 10 %, and by at
-    most a factor of 4 per update, so it settles instead of oscillating. Step time is in-step time (from
-    :meth:`tick` to :meth:`end`: forward, backward, optimizer), so time spent loading data only makes the
-    real slowdown smaller. Without :meth:`end` calls, start-to-start times are used.
+    Each step of a cycle gives its extra cost ``time / base - 1 - always_on`` against the base of its time.
+    The cost of one sampled step, all included, is ``excess = m(sampled) + m(after)`` (or ``m(both)``)
+    ``+ m(tail) x`` the mean number of tail steps per cycle, where ``m`` is the interquartile mean over the
+    last 64 steps of that kind: what a sample costs the training thread whatever the machine does with the
+    writer thread (a free core makes it cheap, a busy one does not). The slowdown at interval ``N`` is then
+    ``excess / N + always_on``, and the proposed interval is the ``N`` that brings it nearest to the budget,
+    but at least 3: every cycle keeps a plain step, so the base stays measured (when tail steps leave none
+    for two intervals, the interval doubles until they do). Interquartile means make the estimate robust
+    to other jobs on the machine; pauses (a step more than ten times the median of its kind: validation,
+    checkpoints, a debugger) are left out. The interval moves only when the target differs by more than
+    10 %, and by at most a factor of 4 per update, so it settles instead of oscillating. Step time is
+    in-step time (from :meth:`tick` to :meth:`end`: forward, backward, optimizer), so time spent loading
+    data only makes the real slowdown smaller. Without :meth:`end` calls, start-to-start times are used.
 
     If ``always_on`` alone takes more than three quarters of the budget, the sampled steps still keep a
     quarter of it (:attr:`budget_unreachable` is then True and the slowdown is about ``always_on + budget / 4``).
@@ -64,6 +68,8 @@ class SamplingSchedule:
     DEADBAND = 0.1  # the interval moves when the target differs by more than this fraction
     MAX_FACTOR = 4.0  # and by at most this factor per update
     WINDOW = 64  # cycle steps of each kind (and cycles) the excess is measured over
+    BASE_WINDOW = 16  # recent plain steps the bare step is measured over: the machine's speed drifts
+    MIN_BUDGET_INTERVAL = 3  # under a budget: sampled, flushing, and at least one plain step per cycle
 
     def __init__(
         self,
@@ -78,7 +84,7 @@ class SamplingSchedule:
         self.overhead_budget = overhead_budget
         self.max_interval = max_interval
         self.min_samples = min_samples
-        self._plain: Deque[float] = deque(maxlen=64)  # plain steps: time - own time
+        self._plain: Deque[float] = deque(maxlen=self.BASE_WINDOW)  # plain steps: time - own time
         self._plain_time: Deque[float] = deque(maxlen=64)  # plain steps: time (for the pause test)
         self._own: Deque[float] = deque(maxlen=256)  # plain steps: own time (a window over many batched passes)
         kinds = (SAMPLED, AFTER, BOTH, TAIL)
@@ -215,21 +221,24 @@ class SamplingSchedule:
         x = excess / room
         lo, hi = max(math.floor(x), 1), max(math.ceil(x), 1)
         n = min((hi, lo), key=lambda k: abs(excess / k - room))  # nearest the budget; above it only when nearer
-        return int(min(max(n, 1), self.max_interval))
+        return int(min(max(n, self.MIN_BUDGET_INTERVAL), self.max_interval))
 
     def proposed_interval(self) -> int:
         """The interval this process proposes now: the current one without a budget or measurements; else
         toward :meth:`target_interval`, moving only by more than 10 % and at most 4x per update."""
-        target = self.target_interval()
         cur = self.interval
-        if target is None and self.overhead_budget is not None and self.base() is None and (
-            self._since_plain > 2 * cur + self.warmup_steps
-        ):  # every step is in a cycle: no plain step measures the bare cost. Make room.
-            return int(min(max(3, 2 * cur), self.max_interval))
+        if self.overhead_budget is None:
+            return cur
+        lowest = self.MIN_BUDGET_INTERVAL
+        if self._since_plain > 2 * cur + self.warmup_steps:
+            # Every step is in a cycle: no plain step keeps the bare cost measured, and the machine's speed
+            # drifts. Make room first.
+            return int(min(max(lowest, 2 * cur), self.max_interval))
+        target = self.target_interval()
         if target is None or abs(target - cur) <= self.DEADBAND * cur:
             return cur
         step = min(max(target, math.floor(cur / self.MAX_FACTOR)), math.ceil(cur * self.MAX_FACTOR))
-        return int(min(max(step, 1), self.max_interval))
+        return int(min(max(step, lowest), self.max_interval))
 
     def expected_overhead(self) -> Optional[float]:
         """Expected slowdown at the current interval, as a fraction (None until measured)."""
