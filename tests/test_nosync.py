@@ -178,6 +178,7 @@ def _call_from_package(fn: Callable[[], Any]) -> Any:
 
     class Holder:
         overhead_seconds = 0.0
+        _own_since = None
 
         @_timed
         def run(self) -> Any:

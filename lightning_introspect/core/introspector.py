@@ -72,6 +72,28 @@ def _timed(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _OwnTime:
+    """The context of :meth:`Introspector.own_time` (a class: cheaper than a generator on every hook)."""
+
+    __slots__ = ("core", "outer")
+
+    def __init__(self, core: "Introspector") -> None:
+        self.core = core
+        self.outer = False
+
+    def __enter__(self) -> None:
+        core = self.core
+        self.outer = core._own_since is None
+        if self.outer:
+            core._own_since = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.outer:
+            core = self.core
+            t0, core._own_since = core._own_since, None
+            core.overhead_seconds += time.perf_counter() - (t0 or 0.0)
+
+
 def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
     """Custom-scalars layout: one multi-line chart per statistic, one line per layer (tags are regexes)."""
     layout: dict[str, dict[str, list]] = {}
@@ -231,21 +253,11 @@ class Introspector:
         in_progress = now - self._own_since if self._own_since is not None else 0.0
         self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + in_progress)
 
-    @contextmanager
-    def own_time(self) -> Iterator[None]:
-        """Counts the time inside as the tool's own (``overhead_seconds``, and the budget's every-step cost):
-        for a framework adapter's code around the core's calls (a callback's hook bodies). Nested timed calls
-        are counted once."""
-        if self._own_since is not None:
-            yield
-            return
-        t0 = time.perf_counter()
-        self._own_since = t0
-        try:
-            yield
-        finally:
-            self._own_since = None
-            self.overhead_seconds += time.perf_counter() - t0
+    def own_time(self) -> "_OwnTime":
+        """``with core.own_time(): ...`` counts the time inside as the tool's own (``overhead_seconds``, and
+        the budget's every-step cost): for a framework adapter's code around the core's calls (a callback's
+        hook bodies). Nested timed calls are counted once."""
+        return _OwnTime(self)
 
     def before_backward(self) -> None:
         """Optional, right before ``loss.backward()``: lets the writer thread work while the backward pass runs

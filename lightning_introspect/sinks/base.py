@@ -77,9 +77,10 @@ class AsyncWriter:
         thread wait for the GIL, for up to the interpreter's switch interval each time. Never called: no
         gating, jobs run at once."""
         self._gated = True
-        if is_open:
-            self._open.set()
-        else:
+        if is_open:  # an Event's set and clear take a lock: only when a job can use the window
+            if self._queue.unfinished_tasks and not self._open.is_set():
+                self._open.set()
+        elif self._open.is_set():
             self._open.clear()
 
     def alert(self, message: str, category: type = UserWarning, *, key: Optional[str] = None) -> None:
