@@ -87,8 +87,9 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         every_n_steps: sample every N optimizer steps (after the warm-up).
         warmup_steps: sample each of the first K steps.
         overhead_budget: fraction, e.g. 0.02: adapt the interval so that the measured slowdown of the training
-            step (data loading aside) stays near it. The work done on every step (per-example dynamics)
-            counts against the budget; when it alone exceeds the budget, a warning says so.
+            step (data loading aside) stays near it, sampling at most every third step. The work done on every
+            step (per-example dynamics, the hook bodies) counts against the budget; when it alone exceeds the
+            budget, a warning says so. How it is measured: :class:`~lightning_introspect.core.schedule.SamplingSchedule`.
         layers: fnmatch patterns of module names to watch (``["encoder.*", "head"]``); None = all modules of
             ``layer_types``.
         layer_types: module types watched (default: Linear, Conv*, and activation modules).
@@ -169,6 +170,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._id_key: BatchKey = None
         self._captured: Any = None
         self._capture_handle: Any = None
+        self._capturing = False
         self._logits_in_output: Optional[bool] = None
         self._loaded_state: Optional[dict[str, Any]] = None
         self._trainer: Any = None
@@ -254,9 +256,13 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             core.begin_step(trainer.global_step)
             if self._dynamics and self._logits_in_output is not True:
                 self._captured = None
-                self._capture_handle = pl_module.register_forward_hook(self._capture)
+                if self._capture_handle is None:  # registered once (teardown removes it): cheaper per step
+                    self._capture_handle = pl_module.register_forward_hook(self._capture)
+                self._capturing = True
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._capturing:  # a validation or predict forward
+            return
         if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
             output = output["logits"]
         t = first_tensor(output)
@@ -264,23 +270,21 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self.core is not None:
-            with self.core.own_time():
-                self.core.before_backward()
+            self.core.before_backward()  # two attribute reads unless the writer has work: not worth timing
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         if self.core is not None:
-            with self.core.own_time():
-                self.core.after_backward()
+            self.core.after_backward()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self._require_core().observe_gradients(optimizer)
+        core = self._require_core()
+        if core.sampled:
+            core.observe_gradients(optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         core = self._require_core()
         with core.own_time():
-            if self._capture_handle is not None:
-                self._capture_handle.remove()
-                self._capture_handle = None
+            self._capturing = False
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             try:
                 if self._dynamics:
@@ -296,6 +300,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         logits = out.get("logits")
         if self._logits_in_output is None:
             self._logits_in_output = isinstance(logits, Tensor)
+            if self._logits_in_output:  # training_step returns them: the forward hook is not needed
+                self._remove_capture_hook()
         if logits is None:
             logits = self._captured if isinstance(self._captured, Tensor) else None
         sample_loss = out.get("sample_loss")
@@ -330,7 +336,15 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if self.core is not None:
             self.core.flush()
 
+    def _remove_capture_hook(self) -> None:
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+        self._capturing = False
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._remove_capture_hook()
         if stage != "fit" or self.core is None:
             return
         core = self.core
@@ -340,6 +354,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             self._write_report_files()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._remove_capture_hook()
         if self.core is not None:
             self.core.close()
 

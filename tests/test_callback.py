@@ -219,6 +219,29 @@ def test_unsampled_steps_run_without_hooks(tmp_path: Path) -> None:
     assert _hook_count(model) == 0  # and none are left behind
 
 
+def test_logits_taken_from_the_forward_when_training_step_returns_only_the_loss(tmp_path: Path) -> None:
+    """Test that without logits in the step output the LightningModule's forward output is used: one hook on
+    the module, registered once and kept (no per-layer hook on unsampled steps), none left after fit, and
+    per-example figures equal to those of the same run returning its logits."""
+    import numpy as np
+
+    results = {}
+    for returns_logits in (True, False):
+        seen: dict[int, int] = {}
+        torch.manual_seed(0)
+        model = classifier(return_logits=returns_logits, probe=lambda m: seen.__setitem__(m.global_step, _hook_count(m)))
+        cb = Introspect(every_n_steps=3, warmup_steps=0)
+        fit("lightning.pytorch", tmp_path / str(returns_logits), cb, max_epochs=2, model=model)
+        for step, count in seen.items():  # the first step does not know yet where the logits come from
+            capture_hook = 1 if step == 0 or not returns_logits else 0
+            assert count == (len(MLP_LAYERS) if step % 3 == 0 else 0) + capture_hook, step
+        assert _hook_count(model) == 0
+        suspects = cb.mislabeled()
+        results[returns_logits] = (suspects.ids, suspects.columns["aum"], suspects.columns["confidence_mean"])
+    for a, b in zip(results[True], results[False]):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_nonfinite_sentinel_names_first_layer_and_training_goes_on(tmp_path: Path) -> None:
     """Test that a NaN born in the middle of the network is traced to the first layer in forward order."""
     cb = Introspect(every_n_steps=1, warmup_steps=0)

@@ -86,6 +86,8 @@ class SamplingSchedule:
         self.min_samples = min_samples
         self._plain: Deque[float] = deque(maxlen=self.BASE_WINDOW)  # plain steps: time - own time
         self._plain_time: Deque[float] = deque(maxlen=64)  # plain steps: time (for the pause test)
+        self._pause_above: Optional[float] = None  # a plain step longer than this is a pause
+        self._plain_seen = 0
         self._own: Deque[float] = deque(maxlen=256)  # plain steps: own time (a window over many batched passes)
         kinds = (SAMPLED, AFTER, BOTH, TAIL)
         self._extra: dict[str, Deque[float]] = {k: deque(maxlen=self.WINDOW) for k in kinds}
@@ -152,9 +154,12 @@ class SamplingSchedule:
             return
         kind = self._kind
         if kind == PLAIN:
-            if len(self._plain_time) >= self.min_samples and seconds > self.GAP_FACTOR * median(self._plain_time):
+            if self._pause_above is not None and seconds > self._pause_above:
                 return
             self._plain_time.append(seconds)
+            self._plain_seen += 1
+            if len(self._plain_time) >= self.min_samples and (len(self._plain_time) < 16 or self._plain_seen % 16 == 0):
+                self._pause_above = self.GAP_FACTOR * median(self._plain_time)  # not every step: it sorts
             self._plain.append(seconds - own)
             self._own.append(own)
             if len(self._plain) == self._min_plain():
