@@ -286,9 +286,10 @@ class Switch(pl.Callback):
 
     def activate(self, name: Optional[str]) -> None:
         if self.active is not None and name != self.active:
-            core = self.instances[self.active].core
-            if core is not None:  # untimed: what it still has to write must not run inside the next block
-                core.writer.drain()
+            inst = self.instances[self.active]
+            inst._remove_capture_hook()  # a bare block runs with no hook of the tool on the module
+            if inst.core is not None:
+                inst.core.writer.drain()
         if name in self.instances and name != self.active:
             self.instances[name].core.schedule.pause()  # the gap since its last block is not a step of its own
         self.active = name if name in self.instances else None
