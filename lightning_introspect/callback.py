@@ -248,8 +248,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             core.num_examples = n
 
     # ------------------------------------------------------------------------------------------------ steps
-    # Every-step hook bodies run inside `core.own_time()`: their Python counts as the tool's own cost, which
-    # the overhead budget takes off before it spaces the sampled steps.
+    # Hook bodies with work in them run inside `core.own_time()` (core calls are timed anyway): their Python
+    # counts as the tool's own cost, which the overhead budget takes off before it spaces the sampled steps.
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         core = self._require_core()
         with core.own_time():

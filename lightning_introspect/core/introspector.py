@@ -59,39 +59,30 @@ def _timed(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(self: "Introspector", *args: Any, **kwargs: Any) -> Any:
-        if self._own_since is not None:
+        with _OwnTime(self):
             return fn(self, *args, **kwargs)
-        t0 = time.perf_counter()
-        self._own_since = t0
-        try:
-            return fn(self, *args, **kwargs)
-        finally:
-            self._own_since = None
-            self.overhead_seconds += time.perf_counter() - t0
 
     return wrapper  # type: ignore[return-value]
 
 
 class _OwnTime:
-    """The context of :meth:`Introspector.own_time` (a class: cheaper than a generator on every hook)."""
+    """Counts the time inside as the tool's own, once when nested: the context of :meth:`Introspector.own_time`
+    and of every timed core call (a class: cheaper than a generator on every hook)."""
 
-    __slots__ = ("core", "outer")
+    __slots__ = ("core", "t0")
 
     def __init__(self, core: "Introspector") -> None:
         self.core = core
-        self.outer = False
+        self.t0: Optional[float] = None
 
     def __enter__(self) -> None:
-        core = self.core
-        self.outer = core._own_since is None
-        if self.outer:
-            core._own_since = time.perf_counter()
+        if self.core._own_since is None:  # outermost: this one counts
+            self.t0 = self.core._own_since = time.perf_counter()
 
     def __exit__(self, *exc: Any) -> None:
-        if self.outer:
-            core = self.core
-            t0, core._own_since = core._own_since, None
-            core.overhead_seconds += time.perf_counter() - (t0 or 0.0)
+        if self.t0 is not None:
+            self.core._own_since = None
+            self.core.overhead_seconds += time.perf_counter() - self.t0
 
 
 def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
@@ -220,7 +211,8 @@ class Introspector:
     @_timed
     def begin_step(self, step: int) -> bool:
         """Starts a (micro-)batch of optimizer step ``step``; returns whether it is sampled."""
-        t0, own_mark = self._own_since or time.perf_counter(), self.overhead_seconds  # before the flush
+        t0, own_mark = self._own_since, self.overhead_seconds  # the step's clock: the outermost timed call's start
+        assert t0 is not None  # begin_step is timed
         writer_busy = self.writer.busy()  # before this step's flush submits work: the last one's still runs
         self.writer.poll()
         if self._pending is not None and self._pending != step:
@@ -250,8 +242,8 @@ class Introspector:
             h.remove()
         self._step_handles = []
         now = time.perf_counter()  # the step's own time: its timed calls so far, and the one in progress
-        in_progress = now - self._own_since if self._own_since is not None else 0.0
-        self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + in_progress)
+        assert self._own_since is not None  # end_step is timed
+        self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + now - self._own_since)
 
     def own_time(self) -> "_OwnTime":
         """``with core.own_time(): ...`` counts the time inside as the tool's own (``overhead_seconds``, and

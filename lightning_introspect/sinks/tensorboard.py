@@ -73,6 +73,10 @@ class TensorBoardSink:
         self._last_flush = time.monotonic()
         self._tag_wire: dict[str, bytes] = {}
 
+    def _add_summary(self, summary: Any, step: int) -> None:
+        """Queues a ready ``Summary`` proto as one event of the writer's file (no conversion on the way)."""
+        self.writer._get_file_writer().add_summary(summary, step)
+
     def add_scalars(self, values: Mapping[str, float], step: int) -> None:
         """All scalars of one step as ONE event (a Summary with many values): a per-tag ``add_scalar`` builds
         and queues an event each, which on a background thread still takes the GIL from training."""
@@ -81,7 +85,7 @@ class TensorBoardSink:
         from tensorboard.compat.proto.summary_pb2 import Summary  # here: importing the core loads no TensorBoard
 
         summary = Summary.FromString(self._scalars_wire(values))
-        self.writer._get_file_writer().add_summary(summary, step)
+        self._add_summary(summary, step)
 
     def _scalars_wire(self, values: Mapping[str, float]) -> bytes:
         """The serialized ``Summary`` of ``values`` (tag -> float32 ``simple_value``), spliced from a cached
@@ -118,7 +122,7 @@ class TensorBoardSink:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         wire = b"".join(_histogram_value_wire(tag, h) for tag, h in histograms)
-        self.writer._get_file_writer().add_summary(Summary.FromString(wire), step)
+        self._add_summary(Summary.FromString(wire), step)
 
     def add_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         values = np.asarray(values, dtype=np.float64)
@@ -143,7 +147,7 @@ class TensorBoardSink:
         Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
         h, w, c = image.shape
         png = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buffer.getvalue())
-        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
+        self._add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
 
     def add_text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, global_step=step)
