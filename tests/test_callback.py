@@ -63,10 +63,11 @@ def test_cadence_points_per_tag(tmp_path: Path, every: int, warmup: int, n: int)
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_both_lightning_packages(tmp_path: Path, package: str) -> None:
-    """Test that one Introspect instance works in a Trainer of either package: events, records and report."""
+    """Test that one Introspect class works in a Trainer of either package: events, records and report (it
+    derives from the Callback of the package imported first; the other package's Trainer runs it by its hooks,
+    see also tests/core/test_no_lightning_import.py)."""
     cb = Introspect(every_n_steps=2, warmup_steps=0)
     tr = fit(package, tmp_path, cb, max_epochs=2)
-    assert isinstance(cb, lightning(package).Callback)
     assert tr.global_step == 16
     ev = read_events(tmp_path / "version_0")
     assert ev.steps("grad_norm/global") == list(range(0, 16, 2))

@@ -393,3 +393,42 @@ def test_threshold_samples_flag_flipped_labels_in_training() -> None:
     recall = np.isin(flipped, s.flagged_ids).mean()
     precision = np.isin(s.flagged_ids, flipped).mean()
     assert recall >= 0.9 and precision >= 0.9
+
+
+# ------------------------------------------------------------------------------------------- figure kernel
+def test_classification_figures_match_a_row_by_row_reference() -> None:
+    """Test that the per-example figures equal cross-entropy, softmax and a Python margin row by row, that
+    out-of-range targets and non-finite rows are invalid, and that the caller's logits are left untouched
+    (also when the transpose is free: one row, or logits that are themselves a transposed view)."""
+    from lightning_introspect.core.samples import classification_figures
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 7, generator=g) * 4
+    targets = torch.randint(0, 7, (40,), generator=g)
+    logits[5, 2] = float("nan")
+    logits[6, 0] = float("inf")
+    logits[7, 3] = float("-inf")
+    targets[8], targets[9] = 7, -1
+    logits[10] = 1.5  # a tie everywhere: not correct, margin 0
+    before = logits.clone()
+    loss, margin, conf, correct, valid = classification_figures(logits, targets)
+    torch.testing.assert_close(logits, before, equal_nan=True)
+    bad = {5, 6, 7, 8, 9}
+    assert [i for i in range(40) if not valid[i]] == sorted(bad)
+    for i in sorted(set(range(40)) - bad):
+        row, t = logits[i].double(), int(targets[i])
+        others = torch.cat([row[:t], row[t + 1 :]])
+        assert loss[i].item() == pytest.approx(F.cross_entropy(row[None], targets[i : i + 1]).item(), rel=1e-5, abs=1e-6)
+        assert conf[i].item() == pytest.approx(row.softmax(0)[t].item(), rel=1e-5, abs=1e-7)
+        assert margin[i].item() == pytest.approx((row[t] - others.max()).item(), abs=1e-5)
+        assert correct[i].item() == float(row[t] > others.max())
+    assert margin[10].item() == 0.0 and correct[10].item() == 0.0
+
+    one = logits[11:12].clone()
+    classification_figures(one, targets[11:12])
+    torch.testing.assert_close(one, logits[11:12])
+    stored = logits[11:20].t().contiguous()  # (C, N) storage, passed as its (N, C) transpose
+    copy = stored.clone()
+    _, m2, *_ = classification_figures(stored.t(), targets[11:20])
+    torch.testing.assert_close(stored, copy)
+    torch.testing.assert_close(m2, margin[11:20])
