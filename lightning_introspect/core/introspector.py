@@ -830,10 +830,11 @@ class Introspector:
         if self.config.overhead_budget is not None:
             if self.schedule.budget_unreachable and self.is_writer:
                 budget, floor = self.config.overhead_budget, self.schedule.always_on()
+                room = self.schedule.MIN_ROOM
                 self.writer.alert(
                     f"lightning_introspect: `overhead_budget={budget:g}` cannot be held: the work done on every step "
-                    f"(per-example dynamics) alone slows training by {100 * floor:.1f} %; sampled steps keep a quarter "
-                    f"of the budget, so expect about {100 * (floor + budget / 4):.1f} % (the `introspect/overhead` "
+                    f"(per-example dynamics) alone slows training by {100 * floor:.1f} %; sampled steps keep a tenth "
+                    f"of the budget, so expect about {100 * (floor + budget * room):.1f} % (the `introspect/overhead` "
                     "tag). Raise the budget, or pass `sample_dynamics=False` to drop per-example dynamics.",
                     RuntimeWarning, key="overhead_budget",
                 )

@@ -55,8 +55,10 @@ class SamplingSchedule:
     in-step time (from :meth:`tick` to :meth:`end`: forward, backward, optimizer), so time spent loading
     data only makes the real slowdown smaller. Without :meth:`end` calls, start-to-start times are used.
 
-    If ``always_on`` alone takes more than three quarters of the budget, the sampled steps still keep a
-    quarter of it (:attr:`budget_unreachable` is then True and the slowdown is about ``always_on + budget / 4``).
+    The sampled steps get what ``always_on`` leaves of the budget, but at least a tenth of it
+    (``MIN_ROOM``): when ``always_on`` alone takes more than nine tenths, the budget cannot be held
+    (:attr:`budget_unreachable` is then True), sampling goes on as sparsely as that tenth allows, and the
+    slowdown is about ``always_on + budget / 10``: as near the budget as a tool that still samples can be.
 
     Example:
         >>> s = SamplingSchedule(every_n_steps=4, warmup_steps=2)
@@ -68,6 +70,7 @@ class SamplingSchedule:
     DEADBAND = 0.1  # the interval moves when the target differs by more than this fraction
     MAX_FACTOR = 4.0  # and by at most this factor per update
     WINDOW = 64  # cycle steps of each kind (and cycles) the excess is measured over
+    MIN_ROOM = 0.1  # share of the budget the sampled steps keep when the every-step work takes the rest
     BASE_WINDOW = 16  # recent plain steps the bare step is measured over: the machine's speed drifts
     MIN_BUDGET_INTERVAL = 3  # under a budget: sampled, flushing, and at least one plain step per cycle
 
@@ -213,8 +216,9 @@ class SamplingSchedule:
 
     @property
     def budget_unreachable(self) -> bool:
-        """True when the every-step work alone takes more than three quarters of the budget."""
-        return self.overhead_budget is not None and self.base() is not None and self.always_on() > 0.75 * self.overhead_budget
+        """True when the every-step work alone takes more than nine tenths of the budget (``1 - MIN_ROOM``)."""
+        return (self.overhead_budget is not None and self.base() is not None
+                and self.always_on() > (1.0 - self.MIN_ROOM) * self.overhead_budget)
 
     def target_interval(self) -> Optional[int]:
         """The interval whose expected slowdown is nearest the budget (None without a budget or measurements)."""
@@ -222,7 +226,7 @@ class SamplingSchedule:
         if self.overhead_budget is None or excess is None:
             return None
         budget, c = self.overhead_budget, self.always_on()
-        room = max(budget - c, budget / 4)
+        room = max(budget - c, budget * self.MIN_ROOM)
         x = excess / room
         lo, hi = max(math.floor(x), 1), max(math.ceil(x), 1)
         n = min((hi, lo), key=lambda k: abs(excess / k - room))  # nearest the budget; above it only when nearer
