@@ -81,7 +81,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     pass runs (on the training thread under DDP, for its all-reduce); every device-to-host copy happens at a
     flush (once per sampled step, one batched copy, asynchronous on CUDA) or at an epoch end; writing runs on
     the background thread, during backward passes. Per-example dynamics keep each step's inputs and compute
-    up to 64 steps' figures in one batched pass. Records go to ``<log_dir>/introspect/``.
+    up to 16 steps' figures in one batched pass. Records go to ``<log_dir>/introspect/``.
 
     Args:
         every_n_steps: sample every N optimizer steps (after the warm-up).

@@ -49,11 +49,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 _EDGES = histogram_edges()
 DIAGNOSE_STEPS = 3
 # Per-example inputs are kept for up to SAMPLE_BUFFER_STEPS steps, or until the kept logits reach
-# MAX_BUFFERED_ELEMENTS (16 MB in float32), then reduced in one batched pass: its ~60 kernel launches cost
-# about the same for 1 step or 64, so the per-step share falls with the count (MLP on a CPU: 90 us per step
-# at 16, 25 us at 64).
-SAMPLE_BUFFER_STEPS = 64
-MAX_BUFFERED_ELEMENTS = 1 << 22
+# MAX_BUFFERED_ELEMENTS (4 MB in float32), then reduced in one batched pass: its ~60 kernel launches cost
+# about the same for 1 step or 16. Keeping more steps cuts the per-step share further (MLP on a CPU: 90 us
+# per step at 16, 56 at 64) but the kept tensors, allocated between each step's activations, pin the host
+# heap apart: +15 MB of resident memory on the CNN benchmark at 64. Copying into preallocated slots instead
+# cost more per step (three copies and views) than the batching saved.
+SAMPLE_BUFFER_STEPS = 16
+MAX_BUFFERED_ELEMENTS = 1 << 20
 MAX_BUFFERED_LOGITS = 1 << 18  # larger (N, C) logits are reduced to per-example figures at once
 EXTRAS_DUTY = 0.05
 MAX_WRITTEN_BUCKETS = 40  # histogram buckets per event (adjacent ones merged beyond)

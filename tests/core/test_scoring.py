@@ -432,3 +432,42 @@ def test_classification_figures_match_a_row_by_row_reference() -> None:
     _, m2, *_ = classification_figures(stored.t(), targets[11:20])
     torch.testing.assert_close(stored, copy)
     torch.testing.assert_close(m2, margin[11:20])
+
+
+def test_introspector_records_equal_a_per_batch_reference_over_odd_batches() -> None:
+    """Test that per-example sums held across many steps (preallocated slots for the usual batch shape, a
+    list for odd ones, a new usual shape after a while) equal the figures of each batch computed on its own:
+    every batch counted once, none lost at the slots' refills, the epoch's last smaller batch included."""
+    from torch import nn
+
+    from lightning_introspect.core.config import IntrospectConfig
+    from lightning_introspect.core.introspector import SAMPLE_BUFFER_STEPS, Introspector
+    from lightning_introspect.core.samples import classification_figures
+
+    n, classes = 5000, 5
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, classes))
+    intro = Introspector(model, IntrospectConfig(every_n_steps=10**6, warmup_steps=0), num_examples=n)
+    order = torch.randperm(n, generator=g)
+    sizes = [16] * (SAMPLE_BUFFER_STEPS + 5) + [7] + [16] * 3 + [24] * (2 * SAMPLE_BUFFER_STEPS + 3) + [9]
+    assert sum(sizes) <= n
+    expected = {k: torch.zeros(n) for k in ("count", "loss", "margin", "conf")}
+    start = 0
+    for step, size in enumerate(sizes):
+        ids = order[start : start + size]
+        start += size
+        logits = torch.randn(size, classes, generator=g) * 3
+        targets = torch.randint(0, classes, (size,), generator=g)
+        with intro.step(step):
+            intro.observe_batch(ids, targets=targets, logits=logits, loss=logits.sum())
+        loss, margin, conf, _, _ = classification_figures(logits, targets)
+        for key, value in (("count", torch.ones(size)), ("loss", loss), ("margin", margin), ("conf", conf)):
+            expected[key][ids] += value
+    intro.end_epoch(0, len(sizes))
+    records = intro.records()
+    intro.close()
+    seen = expected["count"] > 0
+    np.testing.assert_array_equal(records["seen_epochs"], seen.numpy().astype(np.int16))
+    np.testing.assert_allclose(records["loss_sum"], expected["loss"].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(records["margin_sum"], expected["margin"].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(records["confidence_sum"], expected["conf"].numpy(), rtol=1e-5, atol=1e-6)
