@@ -66,13 +66,14 @@ def trim_heap() -> int | None:
     return proc_status()["VmRSS"]
 
 
-def reset_peak() -> None:
-    """Resets VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs); best effort."""
+def reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs); False if it cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        pass
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> list[str]:

@@ -86,6 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
+from memory import proc_status, reset_peak  # noqa: E402  (benchmarks/memory.py: /proc/self readers)
 
 NUM_CLASSES = 10
 BLOCK = 50  # the default every_n_steps; an epoch is 4 * BLOCK steps
@@ -579,24 +580,6 @@ def time_workload(key: str, configs: list[str], steps_per_config: int, block: in
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def _proc_status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs); False if it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def memory_child(key: str, config: str, steps: int, device: str, root: str) -> None:
     """Runs in a fresh process: trains ``steps`` steps with one configuration, prints its peak RSS as JSON.
 
@@ -614,7 +597,7 @@ def memory_child(key: str, config: str, steps: int, device: str, root: str) -> N
                         generator=torch.Generator().manual_seed(1), drop_last=True)
     torch.manual_seed(0)
     module = BenchModule(workload.make_model())
-    base = _proc_status_mb("VmRSS") if _reset_peak() else 0.0
+    base = proc_status()["VmRSS"] / 2**20 if reset_peak() else 0.0
     callbacks: list[Any] = []
     if config != "bare":
         from lightning_introspect import Introspect
@@ -624,7 +607,7 @@ def memory_child(key: str, config: str, steps: int, device: str, root: str) -> N
 
     class Peak(pl.Callback):
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            peak["train"] = _proc_status_mb("VmHWM") - base
+            peak["train"] = proc_status()["VmHWM"] / 2**20 - base
             if device == "cuda":
                 peak["cuda"] = torch.cuda.max_memory_allocated() / 2**20
 
@@ -634,7 +617,7 @@ def memory_child(key: str, config: str, steps: int, device: str, root: str) -> N
         enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(module, loader)
-    peak["after_fit"] = _proc_status_mb("VmHWM") - base
+    peak["after_fit"] = proc_status()["VmHWM"] / 2**20 - base
     peak["base"] = base
     print(json.dumps(peak))
 

@@ -48,14 +48,11 @@ from ..sinks.base import AsyncWriter
 F = TypeVar("F", bound=Callable[..., Any])
 _EDGES = histogram_edges()
 DIAGNOSE_STEPS = 3
-# Per-example inputs are kept for up to SAMPLE_BUFFER_STEPS steps, or until the kept logits reach
-# MAX_BUFFERED_ELEMENTS (4 MB in float32), then reduced in one batched pass: its ~60 kernel launches cost
-# about the same for 1 step or 16. Keeping more steps cuts the per-step share further (MLP on a CPU: 90 us
-# per step at 16, 56 at 64) but the kept tensors, allocated between each step's activations, pin the host
-# heap apart: +15 MB of resident memory on the CNN benchmark at 64. Copying into preallocated slots instead
-# cost more per step (three copies and views) than the batching saved.
+# Per-example inputs are kept for SAMPLE_BUFFER_STEPS steps, then reduced in one batched pass (~60 kernel
+# launches, about as costly for 1 step as for 16). More steps would cut the per-step share (MLP on a CPU: 90 us
+# per step at 16, 56 at 64), but the kept tensors, allocated between each step's activations, pin the host
+# heap apart: +15 MB of resident memory on the CNN benchmark at 64.
 SAMPLE_BUFFER_STEPS = 16
-MAX_BUFFERED_ELEMENTS = 1 << 20
 MAX_BUFFERED_LOGITS = 1 << 18  # larger (N, C) logits are reduced to per-example figures at once
 EXTRAS_DUTY = 0.05
 MAX_WRITTEN_BUCKETS = 40  # histogram buckets per event (adjacent ones merged beyond)
@@ -199,7 +196,6 @@ class Introspector:
         self._pending_state: Optional[dict[str, Any]] = None
         self._dead_layers: Optional[set[str]] = None
         self._sample_buf: list[tuple] = []
-        self._buffered_elements = 0
         self._loss_buf: list[Tensor] = []
         self._steps_since_flush = 0
         self._extras_cost = 0.0  # seconds the last epoch-end picture + suspects table took (writer thread)
@@ -350,10 +346,8 @@ class Introspector:
             )
             return
         self._sample_buf.append(entry)
-        if entry[0] == "raw":
-            self._buffered_elements += entry[3].numel()
         self._batches_ok += 1
-        if len(self._sample_buf) >= SAMPLE_BUFFER_STEPS or self._buffered_elements >= MAX_BUFFERED_ELEMENTS:
+        if len(self._sample_buf) >= SAMPLE_BUFFER_STEPS:
             self._drain_samples()
 
     def _buffer_entry(self, ids: Any, targets: Any, logits: Any, sample_loss: Any) -> Optional[tuple]:
@@ -415,7 +409,6 @@ class Introspector:
         """Computes and scatters the buffered batches' figures in one pass, and counts buffered NaN losses."""
         self._drain_losses()
         buf, self._sample_buf = self._sample_buf, []
-        self._buffered_elements = 0
         if not buf or self.store is None:
             return
         store = self.store
