@@ -48,7 +48,7 @@ from ..sinks.base import AsyncWriter
 F = TypeVar("F", bound=Callable[..., Any])
 _EDGES = histogram_edges()
 DIAGNOSE_STEPS = 3
-# Per-example inputs are kept for SAMPLE_BUFFER_STEPS steps, then reduced in one batched pass (~60 kernel
+# Per-example inputs are kept for SAMPLE_BUFFER_STEPS steps, then reduced in one batched pass (~40 kernel
 # launches, about as costly for 1 step as for 16). More steps would cut the per-step share (MLP on a CPU: 90 us
 # per step at 16, 56 at 64), but the kept tensors, allocated between each step's activations, pin the host
 # heap apart: +15 MB of resident memory on the CNN benchmark at 64.
@@ -327,7 +327,7 @@ class Introspector:
 
         Inputs are checked at once (shapes: free) and kept, detached, for up to ``SAMPLE_BUFFER_STEPS``
         steps; their figures are then computed and scattered in one pass over the concatenated batches, so
-        that the every-step cost is a few Python appends instead of some sixty small kernel launches.
+        that the every-step cost is a few Python appends instead of some forty small kernel launches.
         Sequence logits are reduced to per-example figures at once (they can be large).
         """
         if loss is not None:
@@ -414,8 +414,10 @@ class Introspector:
         store = self.store
         raws = [e for e in buf if e[0] == "raw"]
         if raws:
-            targets = torch.cat([e[2].long() for e in raws])
-            loss, margin, conf, correct, valid = classification_figures(torch.cat([e[3].float() for e in raws]), targets)
+            targets = torch.cat([e[2] for e in raws])  # cat promotes mixed dtypes: one conversion, not one per step
+            if targets.dtype != torch.long:
+                targets = targets.long()
+            loss, margin, conf, correct, valid = classification_figures(torch.cat([e[3] for e in raws]), targets)
             store.observe(
                 torch.cat([e[1] for e in raws]), loss, margin, conf, correct, labels=targets, valid=valid,
                 batch_sizes=[e[1].shape[0] for e in raws],
@@ -437,7 +439,7 @@ class Introspector:
         """Counts the non-finite ones among the buffered step losses, in one op."""
         if self._loss_buf:
             losses, self._loss_buf = self._loss_buf, []
-            stacked = torch.stack([l.float() for l in losses])
+            stacked = torch.stack(losses)  # promotes mixed dtypes
             if self._loss_bad is None:
                 self._loss_bad = torch.zeros((), dtype=torch.float64, device=stacked.device)
             self._loss_bad.add_((~torch.isfinite(stacked)).sum())

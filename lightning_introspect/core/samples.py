@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from .stats import to_device
 
+
 #: Epoch-buffer columns (float32 each): how often the example was seen this epoch, then sums of its figures.
 _EP_COUNT, _EP_LOSS, _EP_MARGIN, _EP_CONF, _EP_CORRECT = range(5)
 #: Device counters reported at flushes.
@@ -80,9 +81,10 @@ def classification_figures(logits: Tensor, targets: Tensor) -> tuple[Tensor, Ten
         >>> margin.tolist(), correct.tolist()
         ([2.0, -1.0], [1.0, 0.0])
     """
-    x = logits.detach().float().t().contiguous()  # (C, N)
+    x = logits.detach() if logits.requires_grad else logits
+    x = (x if x.dtype == torch.float32 else x.float()).t().contiguous()  # (C, N)
     C = x.shape[0]
-    t = targets.detach().long()
+    t = targets if targets.dtype == torch.long and not targets.requires_grad else targets.detach().long()
     valid = (t >= 0) & (t < C) & torch.isfinite(x.sum(0))
     tc = t.clamp(0, C - 1).unsqueeze(0)
     given = x.gather(0, tc).squeeze(0)
@@ -113,6 +115,18 @@ def sequence_figures(
     return mean(loss), mean(margin), mean(conf), mean(correct), n_tok > 0
 
 
+def _flat(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``t`` as a 1-d tensor of ``dtype`` on ``device``, detached; no call for what already is (each is a
+    dispatch, and the batched pass runs dozens)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.ndim != 1:
+        t = t.reshape(-1)
+    if t.dtype != dtype or t.device != device:
+        t = t.to(device, dtype, non_blocking=True)
+    return t
+
+
 class PerSampleStore:
     """Dense per-example buffers on one device: this epoch's sums and the aggregates across epochs.
 
@@ -127,6 +141,9 @@ class PerSampleStore:
         self.num_examples = num_examples
         self.device = torch.device(device)
         self.epochs_folded = 0
+        self._offsets: dict[tuple[int, ...], Tensor] = {}
+        self._const: Optional[Tensor] = None  # rows of ones and zeros (read only), grown as needed
+        self._zero = torch.zeros((), dtype=torch.long, device=self.device)
         self._allocate(num_examples)
 
     def _allocate(self, n: int) -> None:
@@ -171,39 +188,54 @@ class PerSampleStore:
         ``batch_sizes``: when the rows are several training batches concatenated, their sizes in order, so
         that an id counts as repeated only within its own batch.
         """
-        n = self.num_examples
-        ids = ids.detach().reshape(-1).to(self.device, torch.long, non_blocking=True)
+        n, dev = self.num_examples, self.device
+        ids = _flat(ids, torch.long, dev)
+        loss = _flat(loss, torch.float32, dev)
         in_range = (ids >= 0) & (ids < n)
-        loss = loss.detach().reshape(-1).float().to(self.device)
         finite = torch.isfinite(loss)
         ok = in_range & finite
-        counts = [(~in_range).sum()]
         key = ids
         if batch_sizes is not None and len(batch_sizes) > 1:
-            sizes = to_device(list(batch_sizes), torch.long, self.device)
-            batch_no = torch.repeat_interleave(
-                torch.arange(len(batch_sizes), device=self.device), sizes, output_size=ids.shape[0]
-            )
-            key = ids + batch_no * (1 << 40)  # ids of different batches never compare equal
+            key = ids + self._batch_offsets(tuple(batch_sizes))  # ids of different batches never compare equal
         srt = key.sort().values
-        counts.append((srt[1:] == srt[:-1]).sum())
+        bad = [(~in_range).sum(), (srt[1:] == srt[:-1]).sum()]
         if valid is not None:
-            valid = valid.to(self.device)
-            counts.append((in_range & finite & ~valid).sum())  # a NaN row is a non-finite output, not a bad target
+            valid = valid.to(dev)
+            bad.append((ok & ~valid).sum())  # a NaN row is a non-finite output, not a bad target
             ok = ok & valid
         else:
-            counts.append(torch.zeros((), dtype=torch.long, device=self.device))
-        counts.append((in_range & ~finite).sum())
-        self.bad.add_(torch.stack(counts).double())
-        zeros = torch.zeros_like(loss)
-        cols = [torch.ones_like(loss), loss]
+            bad.append(self._zero)
+        bad.append((in_range & ~finite).sum())
+        self.bad.add_(torch.stack(bad))
+        cols = [self._ones(loss.shape[0]), loss]
         for v in (margin, confidence, correct):
-            cols.append(zeros if v is None else v.detach().reshape(-1).float().to(self.device))
+            cols.append(self._zeros(loss.shape[0]) if v is None else _flat(v, torch.float32, dev))
         rows = torch.nan_to_num(torch.stack(cols, 1), nan=0.0, posinf=0.0, neginf=0.0)
-        idx = ids.where(ok, torch.full_like(ids, n))
+        idx = torch.where(ok, ids, n)
         self.epoch.index_add_(0, idx, rows)
         if labels is not None:
-            self.label.index_copy_(0, idx, labels.detach().reshape(-1).to(self.device, torch.int32))
+            self.label.index_copy_(0, idx, _flat(labels, torch.int32, dev))
+
+    def _batch_offsets(self, sizes: tuple[int, ...]) -> Tensor:
+        """(sum(sizes),) offsets that keep the ids of concatenated batches apart: batch k adds k * 2**40.
+        Cached per tuple of sizes (a training run has one or two)."""
+        t = self._offsets.get(sizes)
+        if t is None:
+            if len(self._offsets) >= 8:
+                self._offsets.clear()
+            offsets = [k << 40 for k, size in enumerate(sizes) for _ in range(size)]  # host ints, once
+            t = self._offsets[sizes] = to_device(offsets, torch.long, self.device)
+        return t
+
+    def _ones(self, n: int) -> Tensor:
+        if self._const is None or self._const.shape[1] < n:
+            self._const = torch.stack([torch.ones(n, device=self.device), torch.zeros(n, device=self.device)])
+        return self._const[0, :n]
+
+    def _zeros(self, n: int) -> Tensor:
+        self._ones(n)
+        assert self._const is not None
+        return self._const[1, :n]
 
     def take_bad_counts(self) -> Tensor:
         """The bad-input counters since the last call (a device tensor), then zeroes them."""
