@@ -286,6 +286,7 @@ class Switch(pl.Callback):
         self.active: Optional[str] = None
         self.callback_s = 0.0
         self.epoch_end_s: list[float] = []
+        self._views: dict[str, _TrainerView] = {}
 
     def activate(self, name: Optional[str]) -> None:
         if self.active is not None and name != self.active:
@@ -298,8 +299,14 @@ class Switch(pl.Callback):
         self.active = name if name in self.instances else None
 
     def _view(self, trainer: Any) -> Any:
+        """The active configuration's view of the Trainer (one object per configuration, its step set: the
+        forwarding itself costs the "on" steps as little as it can)."""
         assert self.active is not None
-        return _TrainerView(trainer, self.steps[self.active])
+        view = self._views.get(self.active)
+        if view is None or view._trainer is not trainer:
+            view = self._views[self.active] = _TrainerView(trainer, 0)
+        view.global_step = self.steps[self.active]
+        return view
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for inst in self.instances.values():
