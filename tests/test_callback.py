@@ -232,7 +232,16 @@ def test_logits_taken_from_the_forward_when_training_step_returns_only_the_loss(
         torch.manual_seed(0)
         model = classifier(return_logits=returns_logits, probe=lambda m: seen.__setitem__(m.global_step, _hook_count(m)))
         cb = Introspect(every_n_steps=3, warmup_steps=0)
-        fit("lightning.pytorch", tmp_path / str(returns_logits), cb, max_epochs=2, model=model)
+        kept: list[Any] = []
+
+        class Kept(lightning("lightning.pytorch").Callback):  # what the tool holds from the forward, mid-step
+            def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+                kept.append(cb._captured)
+
+        fit("lightning.pytorch", tmp_path / str(returns_logits), cb, max_epochs=2, model=model, extra_callbacks=[Kept()])
+        if not returns_logits:  # a detached tensor: holding the output would hold its autograd graph
+            assert kept and all(isinstance(t, torch.Tensor) and t.grad_fn is None and not t.requires_grad for t in kept)
+            assert {t.shape[0] for t in kept} == {8} and {t.ndim for t in kept} == {2}  # (batch, classes) logits
         for step, count in seen.items():  # the first step does not know yet where the logits come from
             capture_hook = 1 if step == 0 or not returns_logits else 0
             assert count == (len(MLP_LAYERS) if step % 3 == 0 else 0) + capture_hook, step
