@@ -297,7 +297,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         core = self._require_core()
         with core.own_time():
             self._capturing = False
-            loss = outputs if isinstance(outputs, Tensor) else _as_mapping(outputs).get("loss", outputs)
+            loss = outputs if isinstance(outputs, Tensor) else _as_mapping(outputs).get("loss")
             try:
                 if self._dynamics:
                     self._observe_batch(core, outputs, batch, loss)
@@ -432,7 +432,7 @@ def _as_mapping(x: Any) -> Mapping[str, Any]:
 def _extract(batch: Any, key: BatchKey, what: str) -> Any:
     if callable(key):
         return key(batch)
-    if type(batch) is not dict and isinstance(batch, (tuple, list)):
+    if isinstance(batch, (tuple, list)):  # the usual collated batch: before the slower Mapping (ABC) check
         return _from_sequence(batch, key, what)
     if isinstance(batch, Mapping):
         if key == "auto":

@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 
 from .stats import to_device
 
-
 #: Epoch-buffer columns (float32 each): how often the example was seen this epoch, then sums of its figures.
 _EP_COUNT, _EP_LOSS, _EP_MARGIN, _EP_CONF, _EP_CORRECT = range(5)
 #: Device counters reported at flushes.
@@ -207,9 +206,10 @@ class PerSampleStore:
             bad.append(self._zero)
         bad.append((in_range & ~finite).sum())
         self.bad.add_(torch.stack(bad))
-        cols = [self._ones(loss.shape[0]), loss]
+        ones, zeros = self._constants(loss.shape[0])
+        cols = [ones, loss]
         for v in (margin, confidence, correct):
-            cols.append(self._zeros(loss.shape[0]) if v is None else _flat(v, torch.float32, dev))
+            cols.append(zeros if v is None else _flat(v, torch.float32, dev))
         rows = torch.nan_to_num(torch.stack(cols, 1), nan=0.0, posinf=0.0, neginf=0.0)
         idx = torch.where(ok, ids, n)
         self.epoch.index_add_(0, idx, rows)
@@ -227,15 +227,11 @@ class PerSampleStore:
             t = self._offsets[sizes] = to_device(offsets, torch.long, self.device)
         return t
 
-    def _ones(self, n: int) -> Tensor:
+    def _constants(self, n: int) -> tuple[Tensor, Tensor]:
+        """(n,) ones and (n,) zeros, views of one kept (2, n) tensor (read only), grown as needed."""
         if self._const is None or self._const.shape[1] < n:
             self._const = torch.stack([torch.ones(n, device=self.device), torch.zeros(n, device=self.device)])
-        return self._const[0, :n]
-
-    def _zeros(self, n: int) -> Tensor:
-        self._ones(n)
-        assert self._const is not None
-        return self._const[1, :n]
+        return self._const[0, :n], self._const[1, :n]
 
     def take_bad_counts(self) -> Tensor:
         """The bad-input counters since the last call (a device tensor), then zeroes them."""

@@ -435,9 +435,9 @@ def test_classification_figures_match_a_row_by_row_reference() -> None:
 
 
 def test_introspector_records_equal_a_per_batch_reference_over_odd_batches() -> None:
-    """Test that per-example sums held across many steps (preallocated slots for the usual batch shape, a
-    list for odd ones, a new usual shape after a while) equal the figures of each batch computed on its own:
-    every batch counted once, none lost at the slots' refills, the epoch's last smaller batch included."""
+    """Test that per-example sums buffered across many steps (batches of a usual size, odd sizes among them,
+    a new usual size after a while) equal the figures of each batch computed on its own: every batch counted
+    once, none lost between batched passes, the epoch's last smaller batch included."""
     from torch import nn
 
     from lightning_introspect.core.config import IntrospectConfig
