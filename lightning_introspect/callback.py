@@ -87,9 +87,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         every_n_steps: sample every N optimizer steps (after the warm-up).
         warmup_steps: sample each of the first K steps.
         overhead_budget: fraction, e.g. 0.02: adapt the interval so that the measured slowdown of the training
-            step (data loading aside) stays near it, sampling at most every third step. The work done on every
-            step (per-example dynamics, the hook bodies) counts against the budget; when it alone exceeds the
-            budget, a warning says so. How it is measured: :class:`~lightning_introspect.core.schedule.SamplingSchedule`.
+            step (data loading aside) stays near it, sampling at most every third step (the interval can be
+            fractional: 3.5 samples every third or fourth step). The work done on every step (per-example
+            dynamics, the hook bodies) counts against the budget; when it alone exceeds the budget, a warning
+            says so. How it is measured: :class:`~lightning_introspect.core.schedule.SamplingSchedule`.
         layers: fnmatch patterns of module names to watch (``["encoder.*", "head"]``); None = all modules of
             ``layer_types``.
         layer_types: module types watched (default: Linear, Conv*, and activation modules).
@@ -261,17 +262,15 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                 self._capturing = True
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
-        # Runs inside the user's forward, outside the tool's timed calls: as little as possible. Only a detached
-        # tensor is kept: holding the output itself would hold its autograd graph, and the tool would then
-        # pay for freeing it (0.2 ms on the benchmark's Transformer), which the training loop does anyway.
-        if not self._capturing:  # a validation or predict forward
+        # Runs inside the user's forward: as little as possible, timed as the tool's own (the budget's every-step
+        # cost). Only a detached tensor is kept: holding the output itself would hold its autograd graph, and
+        # the tool would then pay for freeing it (0.2 ms on the benchmark's Transformer), which the training
+        # loop does anyway.
+        core = self.core
+        if not self._capturing or core is None:  # a validation or predict forward
             return
-        if not isinstance(output, Tensor):
-            if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
-                output = output["logits"]
-            t = first_tensor(output)
-            output = t if t is not None else output
-        self._captured = output.detach() if isinstance(output, Tensor) else output
+        with core.own_time():
+            self._captured = output.detach() if isinstance(output, Tensor) else _logits_of(output)
 
     # The bodies below are a few attribute reads on an unsampled step, but in a real step each runs with cold
     # caches (several µs): timed too, so that the budget sees all the tool runs on the training thread.
@@ -422,6 +421,14 @@ def _forward_to(loggers: Sequence[Any]) -> Callable[[dict[str, float], int], Non
 
 
 _EMPTY: Mapping[str, Any] = {}
+
+
+def _logits_of(output: Any) -> Any:
+    """The logits in a forward output that is not a tensor: its 'logits' entry, else its first tensor."""
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"].detach()
+    t = first_tensor(output)
+    return t.detach() if t is not None else output
 
 
 def _as_mapping(x: Any) -> Mapping[str, Any]:
