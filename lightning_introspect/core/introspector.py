@@ -41,7 +41,7 @@ from ._sync import allow_sync
 from .config import ACTIVATION_TYPES, IntrospectConfig
 from .hooks import HookSet, plain_name, select_layers
 from .samples import BAD_INPUT_NAMES, PerSampleStore, classification_figures, sequence_figures
-from .schedule import SamplingSchedule
+from .schedule import SamplingSchedule, quantize_interval
 from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
 from ..sinks.base import AsyncWriter
 
@@ -812,14 +812,14 @@ class Introspector:
     def _main(self, job: Callable[[], None]) -> None:
         self.writer.on_main_thread(job)
 
-    def _apply_interval(self, proposed: int, reduced_interval: Optional[Tensor]) -> None:
+    def _apply_interval(self, proposed: float, reduced_interval: Optional[Tensor]) -> None:
         """On the training thread, at the flush, on every rank: the budget's new interval. Under DDP all
         ranks take the largest proposal (reduced with the flush), so they keep sampling the same steps."""
         if self.config.overhead_budget is None:
             return
         interval = proposed
-        if reduced_interval is not None:
-            interval = int(round(-float(reduced_interval.item())))  # flush: DDP already synchronised here
+        if reduced_interval is not None:  # flush: DDP already synchronised here
+            interval = quantize_interval(-float(reduced_interval.item()))
         if interval >= 1:
             self.schedule.interval = interval
 

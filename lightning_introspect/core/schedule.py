@@ -20,6 +20,14 @@ def _central_mean(xs: Deque[float]) -> float:
     return sum(mid) / len(mid)
 
 
+def quantize_interval(x: float) -> float:
+    """A budget's interval: a multiple of 1/8 below 64 steps (exact in float32, so ranks that reduce it agree;
+    fine enough that the sampled share is within 1 % of its target even at 3 steps), whole steps above; an
+    ``int`` when whole, so that :meth:`SamplingSchedule.should_sample` takes its modulo path."""
+    q = round(x * 8) / 8 if x < 64 else float(round(x))
+    return int(q) if q == int(q) else q
+
+
 class SamplingSchedule:
     """Decides which optimizer steps are sampled (hooks attached, statistics computed and flushed).
 
@@ -46,12 +54,14 @@ class SamplingSchedule:
     ``+ m(tail) x`` the mean number of tail steps per cycle, where ``m`` is the interquartile mean over the
     last 64 steps of that kind: what a sample costs the training thread whatever the machine does with the
     writer thread (a free core makes it cheap, a busy one does not). The slowdown at interval ``N`` is then
-    ``excess / N + always_on``, and the proposed interval is the ``N`` that brings it nearest to the budget,
-    but at least 3: every cycle keeps a plain step, so the base stays measured (when tail steps leave none
-    for two intervals, the interval doubles until they do). Interquartile means make the estimate robust
-    to other jobs on the machine; pauses (a step more than ten times the median of its kind: validation,
-    checkpoints, a debugger) are left out. The interval moves only when the target differs by more than
-    10 %, and by at most a factor of 4 per update, so it settles instead of oscillating. Step time is
+    ``excess / N + always_on``, and the proposed interval is the ``N`` that makes it the budget, but at
+    least 3: every cycle keeps a plain step, so the base stays measured (when tail steps leave none for two
+    intervals, the interval doubles until they do). ``N`` may be fractional (a multiple of 1/8 below 64):
+    between 3 and 4 steps, whole intervals alone would miss a 5 % budget by up to 0.7 points. Interquartile
+    means make the estimate robust to other jobs on the machine; pauses (a step more than ten times the
+    median of its kind: validation, checkpoints, a debugger) are left out. The interval moves only when the
+    target differs by more than 5 % (or is the bound, 3 or ``max_interval``), and by at most a factor of 4
+    per update, so it settles instead of oscillating. Step time is
     in-step time (from :meth:`tick` to :meth:`end`: forward, backward, optimizer), so time spent loading
     data only makes the real slowdown smaller. Without :meth:`end` calls, start-to-start times are used.
 
@@ -67,7 +77,7 @@ class SamplingSchedule:
     """
 
     GAP_FACTOR = 10.0  # a step this many times longer than the median of its kind is a pause
-    DEADBAND = 0.1  # the interval moves when the target differs by more than this fraction
+    DEADBAND = 0.05  # the interval moves when the target differs by more than this fraction
     MAX_FACTOR = 4.0  # and by at most this factor per update
     WINDOW = 64  # cycle steps of each kind (and cycles) the excess is measured over
     MIN_ROOM = 0.1  # share of the budget the sampled steps keep when the every-step work takes the rest
@@ -82,7 +92,7 @@ class SamplingSchedule:
         max_interval: int = 10_000,
         min_samples: int = 3,
     ) -> None:
-        self.interval = every_n_steps
+        self.interval: float = every_n_steps  # an int unless a budget made it fractional
         self.warmup_steps = warmup_steps
         self.overhead_budget = overhead_budget
         self.max_interval = max_interval
@@ -104,7 +114,14 @@ class SamplingSchedule:
         self._since_plain = 0
 
     def should_sample(self, step: int) -> bool:
-        return step < self.warmup_steps or step % self.interval == 0
+        """Steps before ``warmup_steps``, then the first step of each period of ``interval`` steps (a budget's
+        interval can be fractional: 3.5 samples steps 0, 4, 7, 11, 14, ..., i.e. every 3 or 4 steps)."""
+        if step < self.warmup_steps:
+            return True
+        r = self.interval
+        if type(r) is int:
+            return step % r == 0
+        return math.floor(step / r) != math.floor((step - 1) / r)
 
     # ------------------------------------------------------------------------------------------------ timing
     def tick(
@@ -220,21 +237,22 @@ class SamplingSchedule:
         return (self.overhead_budget is not None and self.base() is not None
                 and self.always_on() > (1.0 - self.MIN_ROOM) * self.overhead_budget)
 
-    def target_interval(self) -> Optional[int]:
-        """The interval whose expected slowdown is nearest the budget (None without a budget or measurements)."""
+    def target_interval(self) -> Optional[float]:
+        """The interval whose expected slowdown is the budget (None without a budget or measurements):
+        ``excess / (budget - always_on)``, fractional (see :func:`quantize_interval`)."""
         excess = self.excess()
         if self.overhead_budget is None or excess is None:
             return None
         budget, c = self.overhead_budget, self.always_on()
         room = max(budget - c, budget * self.MIN_ROOM)
-        x = excess / room
-        lo, hi = max(math.floor(x), 1), max(math.ceil(x), 1)
-        n = min((hi, lo), key=lambda k: abs(excess / k - room))  # nearest the budget; above it only when nearer
-        return int(min(max(n, self.MIN_BUDGET_INTERVAL), self.max_interval))
+        return self._clamp(excess / room)
 
-    def proposed_interval(self) -> int:
+    def _clamp(self, x: float) -> float:
+        return quantize_interval(min(max(x, self.MIN_BUDGET_INTERVAL), self.max_interval))
+
+    def proposed_interval(self) -> float:
         """The interval this process proposes now: the current one without a budget or measurements; else
-        toward :meth:`target_interval`, moving only by more than 10 % and at most 4x per update."""
+        toward :meth:`target_interval`, moving only by more than ``DEADBAND`` and at most 4x per update."""
         cur = self.interval
         if self.overhead_budget is None:
             return cur
@@ -242,12 +260,12 @@ class SamplingSchedule:
         if self._since_plain > 2 * cur + self.warmup_steps:
             # Every step is in a cycle: no plain step keeps the bare cost measured, and the machine's speed
             # drifts. Make room first.
-            return int(min(max(lowest, 2 * cur), self.max_interval))
+            return self._clamp(max(lowest, 2 * cur))
         target = self.target_interval()
-        if target is None or abs(target - cur) <= self.DEADBAND * cur:
+        at_bound = target in (lowest, self.max_interval)  # exactly there: nothing to oscillate around
+        if target is None or (abs(target - cur) <= self.DEADBAND * cur and not at_bound):
             return cur
-        step = min(max(target, math.floor(cur / self.MAX_FACTOR)), math.ceil(cur * self.MAX_FACTOR))
-        return int(min(max(step, lowest), self.max_interval))
+        return self._clamp(min(max(target, cur / self.MAX_FACTOR), cur * self.MAX_FACTOR))
 
     def expected_overhead(self) -> Optional[float]:
         """Expected slowdown at the current interval, as a fraction (None until measured)."""
@@ -258,4 +276,4 @@ class SamplingSchedule:
         return {"interval": self.interval}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.interval = int(state["interval"])
+        self.interval = quantize_interval(float(state["interval"]))

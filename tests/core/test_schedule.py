@@ -62,10 +62,11 @@ def doubled(kind: str, step: int) -> float:
     return 2 * PLAIN_S if kind == "sampled" else PLAIN_S
 
 
-@pytest.mark.parametrize(("use_end", "excess", "interval"), [(True, 1.0, 20), (False, 10 / 11, 18)])
-def test_interval_converges_to_excess_over_budget(use_end: bool, excess: float, interval: int) -> None:
+@pytest.mark.parametrize(("use_end", "excess", "interval"), [(True, 1.0, 20), (False, 10 / 11, 18.125)])
+def test_interval_converges_to_excess_over_budget(use_end: bool, excess: float, interval: float) -> None:
     """Test that a sampled step costing +100 % under a 5 % budget settles at interval 20; with start-to-start
-    times only (no ``end``), the 1 ms between steps dilutes the excess to 10/11, interval 18."""
+    times only (no ``end``), the 1 ms between steps dilutes the excess to 10/11, interval 200/11 to the
+    nearest eighth of a step."""
     s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
     history, _, _ = run(s, 1500, doubled, use_end=use_end)
     assert s.excess() == pytest.approx(excess, abs=1e-6)
@@ -87,7 +88,7 @@ def test_pauses_are_ignored() -> None:
     history, _, _ = run(s, 1500, doubled, use_end=False, pause_every=7)
     assert s.base() == pytest.approx(PLAIN_S + 0.001, rel=1e-6)  # start to start: includes the 1 ms loading
     assert s.excess() == pytest.approx(10 / 11, abs=1e-6)
-    assert history[-1] == 18
+    assert history[-1] == 18.125
 
 
 def test_no_oscillation_under_noise() -> None:
@@ -138,10 +139,11 @@ def tailing(kind: str, step: int) -> float:
 def test_steps_slowed_by_the_writer_count(tell_busy: bool, excess: float, interval: int) -> None:
     """Test that the steps which start while the writer thread still works on a flush belong to the sampled
     step's cost: told so, the schedule measures the whole cost (1.0, interval 20); not told, those steps
-    pass as plain ones and the cost is underestimated (0.75, interval 15), which is why the tool tells it."""
+    pass as plain ones and the cost is underestimated (0.75, interval 15), which is why the tool tells it.
+    (A cycle that a change of interval cuts short counts its fewer tail steps: the excess is to 0.005.)"""
     s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
     history, _, _ = run(s, 1500, tailing, busy_steps=2, tell_busy=tell_busy)
-    assert s.excess() == pytest.approx(excess, abs=1e-6)
+    assert s.excess() == pytest.approx(excess, abs=0.005)
     assert abs(history[-1] - interval) <= SamplingSchedule.DEADBAND * interval  # settled within the deadband
 
 
@@ -165,7 +167,8 @@ def test_always_on_cost_is_taken_off_the_budget() -> None:
     s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
     history, with_tool, bare = run(s, 3000, doubled, own=0.0002)
     assert s.always_on() == pytest.approx(0.0002 / 0.0098, rel=1e-6)
-    assert history[-1] in (34, 35)  # excess 0.0102 / 0.0098 over 2.96 % of room
+    target = (0.0102 / 0.0098) / (0.05 - 0.0002 / 0.0098)  # excess over 2.96 % of room: 35.2 steps
+    assert abs(history[-1] - target) <= SamplingSchedule.DEADBAND * target
     assert not s.budget_unreachable
     expected = s.expected_overhead()
     assert expected is not None and abs(expected - 0.05) < 0.002
@@ -225,6 +228,35 @@ def test_a_drifting_machine_is_followed() -> None:
     assert s.base() == pytest.approx(PLAIN_S, rel=1e-6)
     assert s.excess() == pytest.approx(1.0, abs=1e-6)
     assert history[-1] == 20
+
+
+def test_fractional_interval_holds_a_budget_between_whole_intervals() -> None:
+    """Test that a sampled step costing +17.5 % under a 5 % budget settles at interval 3.5 (every 3 or 4
+    steps), where whole intervals could only give 5.8 % (3) or 4.4 % (4): the sampled share of the later steps
+    holds the budget to a tenth of a point."""
+    def cheap(kind: str, step: int) -> float:
+        return PLAIN_S * (1.175 if kind == "sampled" else 1.0)
+
+    s = SamplingSchedule(every_n_steps=10, warmup_steps=5, overhead_budget=0.05)
+    history, _, _ = run(s, 3000, cheap)
+    assert history[-1] == 3.5
+    later = range(2000, 3000)
+    gaps = {b - a for a, b in zip([k for k in later if s.should_sample(k)], [k for k in later if s.should_sample(k)][1:])}
+    assert gaps == {3, 4}
+    assert sum(s.should_sample(k) for k in later) * 0.175 / len(later) == pytest.approx(0.05, abs=0.001)
+
+
+@pytest.mark.parametrize("interval", [1, 3, 7, 3.0, 2.5, 3.375, 12.125])
+def test_should_sample_every_interval_on_average(interval: float) -> None:
+    """Test that a (fractional) interval samples one step per ``interval`` steps, the first after warm-up
+    included, and a whole one exactly its multiples."""
+    s = SamplingSchedule(every_n_steps=1, warmup_steps=4)
+    s.interval = interval
+    sampled = [k for k in range(800) if s.should_sample(k)]
+    assert sampled[:4] == [0, 1, 2, 3]
+    assert len([k for k in sampled if k >= 4]) == pytest.approx((800 - 4) / interval, abs=1)
+    if interval == int(interval):
+        assert [k for k in sampled if k >= 4] == [k for k in range(4, 800) if k % int(interval) == 0]
 
 
 def test_interval_is_clamped_to_max_interval() -> None:
