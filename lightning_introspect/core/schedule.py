@@ -22,7 +22,7 @@ def _central_mean(xs: Deque[float]) -> float:
 
 def quantize_interval(x: float) -> float:
     """A budget's interval: a multiple of 1/8 below 64 steps (exact in float32, so ranks that reduce it agree;
-    fine enough that the sampled share is within 1 % of its target even at 3 steps), whole steps above; an
+    fine enough that the sampled share is within 2 % of its target even at 3 steps), whole steps above; an
     ``int`` when whole, so that :meth:`SamplingSchedule.should_sample` takes its modulo path."""
     q = round(x * 8) / 8 if x < 64 else float(round(x))
     return int(q) if q == int(q) else q
@@ -31,7 +31,7 @@ def quantize_interval(x: float) -> float:
 class SamplingSchedule:
     """Decides which optimizer steps are sampled (hooks attached, statistics computed and flushed).
 
-    Steps ``0 .. warmup_steps - 1`` are all sampled; after that, multiples of the interval. With an
+    Steps ``0 .. warmup_steps - 1`` are all sampled; after that, one step per interval. With an
     ``overhead_budget`` the interval adapts so that the slowdown over the same steps without the tool stays
     at the budget.
 
