@@ -83,6 +83,7 @@ class SamplingSchedule:
     MIN_ROOM = 0.1  # share of the budget the sampled steps keep when the every-step work takes the rest
     BASE_WINDOW = 16  # recent plain steps the bare step is measured over: the machine's speed drifts
     MIN_BUDGET_INTERVAL = 3  # under a budget: sampled, flushing, and at least one plain step per cycle
+    VERDICT_PLAIN = 64  # plain steps timed before the budget is judged out of reach (a few batched passes)
 
     def __init__(
         self,
@@ -233,8 +234,11 @@ class SamplingSchedule:
 
     @property
     def budget_unreachable(self) -> bool:
-        """True when the every-step work alone takes more than nine tenths of the budget (``1 - MIN_ROOM``)."""
-        return (self.overhead_budget is not None and self.base() is not None
+        """True when the every-step work alone takes more than nine tenths of the budget (``1 - MIN_ROOM``),
+        judged once ``VERDICT_PLAIN`` plain steps are timed: over fewer, the first per-example batched passes
+        (kernels run for the first time) can make a 1 % every-step cost look like 5 %."""
+        return (self.overhead_budget is not None and len(self._own) >= self.VERDICT_PLAIN
+                and self.base() is not None
                 and self.always_on() > (1.0 - self.MIN_ROOM) * self.overhead_budget)
 
     def target_interval(self) -> Optional[float]:
