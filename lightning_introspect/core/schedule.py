@@ -260,13 +260,12 @@ class SamplingSchedule:
         cur = self.interval
         if self.overhead_budget is None:
             return cur
-        lowest = self.MIN_BUDGET_INTERVAL
         if self._since_plain > 2 * cur + self.warmup_steps:
             # Every step is in a cycle: no plain step keeps the bare cost measured, and the machine's speed
             # drifts. Make room first.
-            return self._clamp(max(lowest, 2 * cur))
+            return self._clamp(2 * cur)
         target = self.target_interval()
-        at_bound = target in (lowest, self.max_interval)  # exactly there: nothing to oscillate around
+        at_bound = target in (self.MIN_BUDGET_INTERVAL, self.max_interval)  # exactly there: nothing to oscillate
         if target is None or (abs(target - cur) <= self.DEADBAND * cur and not at_bound):
             return cur
         return self._clamp(min(max(target, cur / self.MAX_FACTOR), cur * self.MAX_FACTOR))
