@@ -1,6 +1,6 @@
 """Step-time and memory overhead of ``Introspect`` against a bare run, in one process, through a real Trainer.
 
-Run (about 50 minutes on a shared 2-core CPU, five budget runs included; ``--quick`` about 3)::
+Run (about 55 minutes on a shared 2-core CPU, five budget runs included; ``--quick`` about 3)::
 
     python benchmarks/overhead.py                  # all workloads and configurations, markdown on stdout
     python benchmarks/overhead.py --quick          # 4 configurations, a quarter of the steps: a smoke check
@@ -52,11 +52,12 @@ quarter of the run. Also given: the time spent inside the callback
 forward time of unsampled ones) as a share of the configuration's step time. Epoch ends (per-example
 folding, records and the data map, written by the background thread) are drained and timed separately,
 once per epoch. Peak memory: bare and defaults each train one epoch in a fresh subprocess, which makes
-the data set and the model first, resets its peak RSS (``/proc/self/clear_refs``), then imports and builds
-the callback and trains; it reports the rise of ``VmHWM`` (peak RSS, ``/proc/self/status``) at the end of
-training and after ``fit``. Budget mode: the achieved slowdown is
-the pooled ratio over the steps after the first third of its run; the interval is the one the schedule
-chose by the end.
+the data set and the model first, hands freed heap pages back (``malloc_trim``: else the start state, and
+the rise from it, vary by up to 100 MB between processes), resets its peak RSS (``/proc/self/clear_refs``),
+then imports and builds the callback and trains; it reports the rise of ``VmHWM`` (peak RSS,
+``/proc/self/status``) at the end of training and after ``fit``. Budget mode: the achieved slowdown is the
+pooled ratio over the steps after the first third of its run; the interval is the one the schedule chose by
+the end.
 """
 from __future__ import annotations
 
@@ -86,12 +87,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
-from memory import proc_status, reset_peak  # noqa: E402  (benchmarks/memory.py: /proc/self readers)
+from memory import proc_status, reset_peak, trim_heap  # noqa: E402  (benchmarks/memory.py: /proc/self, malloc_trim)
 
 NUM_CLASSES = 10
 BLOCK = 50  # the default every_n_steps; an epoch is 4 * BLOCK steps
 STEP_BLOCK = 10  # steps per on/off block: short, so that on and off see the same load from other jobs
-STEPS = {"mlp": 250, "cnn": 200, "transformer": 120}  # on steps per configuration (as many bare ones)
+STEPS = {"mlp": 500, "cnn": 200, "transformer": 200}  # on steps per configuration (as many bare ones)
 BUDGET_STEPS = {"mlp": 1000, "cnn": 700, "transformer": 500}  # the budget runs: many sampled steps after warm-up
 BUDGET_REPEATS = 5  # separate budget runs: the figure is their median (a single run scatters by up to 3 points)
 
@@ -592,8 +593,10 @@ def memory_child(key: str, config: str, steps: int, device: str, root: str) -> N
 
     The data set and the model are made first, the same in every configuration, and the peak is reset after
     them: their transient allocations (the synthetic images alone are 150 MB) made the bare run's peak vary by
-    30-40 MB between processes. What is measured is the rise from there (import of the tool included) to the
-    peak during training and to the peak at the end of ``fit``."""
+    30-40 MB between processes. Freed heap pages are then handed back to the system (``malloc_trim``) before the
+    peak is reset: without it the start state is random (resident memory 572-672 MB at that point on the CNN
+    between processes, the same configuration) and so is the rise from it. What is measured is the rise from
+    there (import of the tool included) to the peak during training and to the peak at the end of ``fit``."""
     torch.set_num_threads(1)
     workload = WORKLOADS[key]
     steps_per_epoch = 4 * BLOCK
@@ -604,6 +607,7 @@ def memory_child(key: str, config: str, steps: int, device: str, root: str) -> N
                         generator=torch.Generator().manual_seed(1), drop_last=True)
     torch.manual_seed(0)
     module = BenchModule(workload.make_model())
+    trim_heap()
     base = proc_status()["VmRSS"] / 2**20 if reset_peak() else 0.0
     callbacks: list[Any] = []
     if config != "bare":
@@ -737,7 +741,8 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
                          f"{_pct(res['epoch_end_ms'] / epoch_ms)} of a {res['steps_per_epoch']}-step epoch")
     if memory:
         lines += ["", f"Peak memory: rise of peak RSS (VmHWM) from after the data set and the model are made "
-                  f"(the tool's import and set-up included) to the end of training, one epoch; median of "
+                  f"and freed heap pages are handed back (`malloc_trim`, in bare and defaults alike) to the end of "
+                  f"training, one epoch (the tool's import and set-up included); median of "
                   f"{MEMORY_REPEATS} fresh processes each, interleaved, and their range; target <= "
                   f"{MEMORY_TARGET_MB:.0f} MB over bare at defaults; the last column is the same at the end of "
                   "`fit`, after teardown wrote the report files:", "",
