@@ -1,6 +1,6 @@
 """Step-time and memory overhead of ``Introspect`` against a bare run, in one process, through a real Trainer.
 
-Run (about 55 minutes on a shared 2-core CPU, five budget runs included; ``--quick`` about 3)::
+Run (about 50 minutes on a shared 2-core CPU, five budget runs included; ``--quick`` about 3)::
 
     python benchmarks/overhead.py                  # all workloads and configurations, markdown on stdout
     python benchmarks/overhead.py --quick          # 4 configurations, a quarter of the steps: a smoke check
