@@ -64,6 +64,8 @@ def _timed(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(self: "Introspector", *args: Any, **kwargs: Any) -> Any:
+        if self._own_since is not None:  # inside a timed call already (a callback's hook body): counted there
+            return fn(self, *args, **kwargs)
         with _OwnTime(self):
             return fn(self, *args, **kwargs)
 
@@ -243,9 +245,10 @@ class Introspector:
         """Ends the (micro-)batch: hooks come off; the sampled step is flushed when the next step begins."""
         if self.hooks.attached:
             self.hooks.detach()
-        for h in self._step_handles:
-            h.remove()
-        self._step_handles = []
+        if self._step_handles:
+            for h in self._step_handles:
+                h.remove()
+            self._step_handles = []
         now = time.perf_counter()  # the step's own time: its timed calls so far, and the one in progress
         assert self._own_since is not None  # end_step is timed
         self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + now - self._own_since)
@@ -271,7 +274,8 @@ class Introspector:
         if not self.config.detect_nonfinite or not isinstance(loss, Tensor):
             return
         if loss.ndim == 0:
-            self._loss_buf.append(loss.detach())  # checked in one op at the next drain
+            # checked in one op at the next drain (Lightning hands over a detached loss: no op on the step then)
+            self._loss_buf.append(loss.detach() if loss.requires_grad else loss)
             if len(self._loss_buf) >= SAMPLE_BUFFER_STEPS:
                 self._drain_samples()
             return
