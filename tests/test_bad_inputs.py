@@ -226,3 +226,36 @@ def test_checkpoint_state_has_no_pickled_objects(tmp_path: Path) -> None:
     state = torch.load(path, weights_only=True)["callbacks"]["Introspect"]
     assert state["store"]["seen_epochs"].tolist() == [1] * 8
     json.dumps({k: v for k, v in state.items() if k in ("format", "samples_flushed", "epochs_done")})
+
+
+class NonFiniteLossAt(TinyNet):
+    """TinyNet whose reported loss is NaN on ``steps`` while its gradients stay finite (a constant NaN added)."""
+
+    def __init__(self, steps: tuple[int, ...]) -> None:
+        torch.manual_seed(0)
+        super().__init__()
+        self.steps = steps
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        out = super().training_step(batch, batch_idx)
+        if self.global_step in self.steps:
+            out["loss"] = out["loss"] + torch.tensor(float("nan"))  # d(loss + c)/dw = dloss/dw: finite
+        return out
+
+
+def test_nonfinite_step_losses_are_counted_while_gradients_stay_finite(tmp_path: Path) -> None:
+    """Test that step losses are checked on every step, not only sampled ones: NaN losses on two unsampled
+    steps are counted (one batched check) and reported at the next flush, with no layer to blame."""
+    from helpers.tb import read_events
+
+    intro = Introspect(every_n_steps=10, warmup_steps=0, histograms=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, callbacks=[intro]))
+        trainer.fit(NonFiniteLossAt(steps=(3, 6)), loader(make_data(48), batch_size=4))
+    assert trainer.global_step == 12
+    messages = [str(w.message) for w in caught if "the loss was NaN/Inf" in str(w.message)]
+    assert len(messages) == 1 and "in 2 step(s) up to step 10" in messages[0], messages
+    assert "no monitored layer produced a non-finite value" in messages[0]
+    alerts = dict(read_events(tmp_path / "run").texts["alerts/nonfinite"])
+    assert list(alerts) == [10] and "in 2 step(s)" in alerts[10]
