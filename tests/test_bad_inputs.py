@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 import lightning.pytorch as pl
 from helpers.robust_common import TinyNet, loader, make_data, tiny_model, trainer_kwargs
+from helpers.tb import read_events
 from lightning_introspect import Introspect
 from lightning_introspect.records import RecordsError, read_records, write_records
 from lightning_introspect.report import main as report_main
@@ -246,8 +247,6 @@ class NonFiniteLossAt(TinyNet):
 def test_nonfinite_step_losses_are_counted_while_gradients_stay_finite(tmp_path: Path) -> None:
     """Test that step losses are checked on every step, not only sampled ones: NaN losses on two unsampled
     steps are counted (one batched check) and reported at the next flush, with no layer to blame."""
-    from helpers.tb import read_events
-
     intro = Introspect(every_n_steps=10, warmup_steps=0, histograms=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
