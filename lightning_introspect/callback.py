@@ -14,6 +14,7 @@ from .core.config import DEFAULT_LAYER_TYPES, IntrospectConfig
 from .core.hooks import first_tensor
 from .core.introspector import Introspector
 from .core.samples import WithIndex
+from .sinks.base import AsyncWriter
 from .sinks.tensorboard import TensorBoardSink
 
 BatchKey = Union[str, int, Callable[[Any], Tensor], None]
@@ -175,6 +176,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._logits_in_output: Optional[bool] = None
         self._loaded_state: Optional[dict[str, Any]] = None
         self._trainer: Any = None
+        self._writer: Optional[AsyncWriter] = None  # the core's, read by the backward-window hooks
 
     @property
     def state_key(self) -> str:
@@ -201,6 +203,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             pl_module, self.config, sinks=sinks, records_dir=self.records_dir, on_scalars=on_scalars,
             class_names=self.class_names, is_writer=trainer.is_global_zero,
         )
+        self._writer = self.core.writer
         if self._loaded_state is not None:
             self.core.load_state_dict(self._loaded_state)
             self._loaded_state = None
@@ -249,17 +252,20 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             core.num_examples = n
 
     # ------------------------------------------------------------------------------------------------ steps
-    # Hook bodies with work in them run inside `core.own_time()` (core calls are timed anyway): their Python
-    # counts as the tool's own cost, which the overhead budget takes off before it spaces the sampled steps.
+    # These hooks run on every step. The core's begin_step and end_step time themselves (the budget's
+    # every-step cost); hook bodies that do more than a few attribute reads run inside `core.own_time()`.
+    # Each Python call costs about a microsecond here (the forward and backward passes have just emptied the
+    # caches), so an unsampled step without per-example dynamics makes two core calls and reads a few flags.
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        core = self._require_core()
-        with core.own_time():
-            core.begin_step(trainer.global_step)
-            if self._dynamics and self._logits_in_output is not True:
-                self._captured = None
-                if self._capture_handle is None:  # registered once (teardown removes it): cheaper per step
-                    self._capture_handle = pl_module.register_forward_hook(self._capture)
-                self._capturing = True
+        core = self.core
+        if core is None:
+            raise self._not_set_up()
+        core.begin_step(trainer.global_step)
+        if self._dynamics and self._logits_in_output is not True:
+            self._captured = None
+            if self._capture_handle is None:  # registered once (teardown removes it): cheaper per step
+                self._capture_handle = pl_module.register_forward_hook(self._capture)
+            self._capturing = True
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         # Runs inside the user's forward: as little as possible, timed as the tool's own (the budget's every-step
@@ -272,34 +278,35 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         with core.own_time():
             self._captured = output.detach() if isinstance(output, Tensor) else _logits_of(output)
 
-    # The two bodies below are a few attribute reads: left untimed, since timing them (two clock reads and a
-    # context) cost as much again, 8-12 µs per step with the caches cold after the forward and backward passes.
+    # The backward window (see AsyncWriter.window) only matters while the writer has work: the writer checks
+    # that itself, one call from here. Left untimed: a few attribute reads.
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        core = self.core
-        if core is not None:
-            core.before_backward()
+        writer = self._writer
+        if writer is not None:
+            writer.window(True)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        core = self.core
-        if core is not None:
-            core.after_backward()
+        writer = self._writer
+        if writer is not None:
+            writer.window(False)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        core = self._require_core()
-        if core.sampled:  # an unsampled step reads one attribute here: not worth timing
-            with core.own_time():
-                core.observe_gradients(optimizer)
+        core = self.core
+        if core is not None and core.sampled:  # observe_gradients is timed
+            core.observe_gradients(optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        core = self._require_core()
+        core = self.core
+        if core is None:
+            raise self._not_set_up()
+        loss = outputs if isinstance(outputs, Tensor) else _as_mapping(outputs).get("loss")
+        if not self._dynamics:
+            core.end_step(loss)
+            return
         with core.own_time():
             self._capturing = False
-            loss = outputs if isinstance(outputs, Tensor) else _as_mapping(outputs).get("loss")
             try:
-                if self._dynamics:
-                    self._observe_batch(core, outputs, batch, loss)
-                else:
-                    core.observe_loss(loss)
+                self._observe_batch(core, outputs, batch, loss)
             finally:
                 self._captured = None
                 core.end_step()
@@ -404,8 +411,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _require_core(self) -> Introspector:
         if self.core is None:
-            raise RuntimeError("Introspect is used before `setup`: attach it to a Trainer and call `fit`.")
+            raise self._not_set_up()
         return self.core
+
+    @staticmethod
+    def _not_set_up() -> RuntimeError:
+        return RuntimeError("Introspect is used before `setup`: attach it to a Trainer and call `fit`.")
 
 
 def _forward_to(loggers: Sequence[Any]) -> Callable[[dict[str, float], int], None]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from functools import wraps
 from statistics import median
-from typing import Any, Deque, Optional
+from typing import Any, Callable, Deque, Optional, TypeVar
 
 # kinds of step, see SamplingSchedule
 PLAIN, SAMPLED, AFTER, BOTH, TAIL = "plain", "sampled", "after", "both", "tail"
+TICK, END, PAUSE = 0, 1, 2  # logged timing events
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _central_mean(xs: Deque[float]) -> float:
@@ -18,6 +21,18 @@ def _central_mean(xs: Deque[float]) -> float:
     q = len(v) // 4
     mid = v[q : len(v) - q] or v
     return sum(mid) / len(mid)
+
+
+def _replayed(fn: F) -> F:
+    """An estimate: the timing events logged since the last one are replayed before it is computed."""
+
+    @wraps(fn)
+    def wrapper(self: "SamplingSchedule", *args: Any) -> Any:
+        if self._log:
+            self._replay()
+        return fn(self, *args)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def quantize_interval(x: float) -> float:
@@ -84,6 +99,7 @@ class SamplingSchedule:
     BASE_WINDOW = 16  # recent plain steps the bare step is measured over: the machine's speed drifts
     MIN_BUDGET_INTERVAL = 3  # under a budget: sampled, flushing, and at least one plain step per cycle
     VERDICT_PLAIN = 64  # plain steps timed before the budget is judged out of reach (a few batched passes)
+    LOG_LIMIT = 256  # timing events logged before they are replayed without an estimate being read
 
     def __init__(
         self,
@@ -113,6 +129,7 @@ class SamplingSchedule:
         self._kind = PLAIN
         self._steps = 0
         self._since_plain = 0
+        self._log: list[tuple[int, float, Optional[float], bool, bool]] = []  # timing events not yet replayed
 
     def should_sample(self, step: int) -> bool:
         """Steps before ``warmup_steps``, then the first step of each period of ``interval`` steps (a budget's
@@ -125,6 +142,10 @@ class SamplingSchedule:
         return math.floor(step / r) != math.floor((step - 1) / r)
 
     # ------------------------------------------------------------------------------------------------ timing
+    # tick, end and pause are called on every training step: they only log the event (a tuple appended), and
+    # the log is replayed in one loop when an estimate is read (at a flush) or when it reaches LOG_LIMIT.
+    # Replayed in a loop, the bookkeeping costs a fraction of what it costs spread over the steps, where each
+    # call meets caches the forward and backward passes have just emptied.
     def tick(
         self, sampled: bool, now: Optional[float] = None, own_seconds: Optional[float] = None,
         writer_busy: bool = False,
@@ -133,7 +154,33 @@ class SamplingSchedule:
         time since the previous :meth:`tick` and ``own_seconds`` is the tool's own time in it.
         ``writer_busy``: whether the writer thread still has work queued or running (read before this step
         submits any)."""
-        now = time.perf_counter() if now is None else now
+        log = self._log
+        log.append((TICK, time.perf_counter() if now is None else now, own_seconds, sampled, writer_busy))
+        if len(log) >= self.LOG_LIMIT:
+            self._replay()
+
+    def end(self, now: Optional[float] = None, own_seconds: Optional[float] = None) -> None:
+        """Called when a step ends (after the optimizer step); ``own_seconds``: the tool's own time in it."""
+        self._log.append((END, time.perf_counter() if now is None else now, own_seconds, False, False))
+
+    def pause(self) -> None:
+        """Forget the running step (epoch end, validation): its duration is not a training step's."""
+        self._log.append((PAUSE, 0.0, None, False, False))
+
+    def _replay(self) -> None:
+        """Applies the logged events in order."""
+        log, self._log = self._log, []
+        for event, now, own, sampled, writer_busy in log:
+            if event == TICK:
+                self._tick(sampled, now, own, writer_busy)
+            elif event == END:
+                if self._start is not None:
+                    self._record(now - self._start, own or 0.0)
+                self._start = None
+            else:
+                self._start = None
+
+    def _tick(self, sampled: bool, now: float, own_seconds: Optional[float], writer_busy: bool) -> None:
         if self._start is not None:
             self._record(now - self._start, own_seconds or 0.0)
         prev = self._kind
@@ -153,17 +200,6 @@ class SamplingSchedule:
         self._since_plain = 0 if self._kind == PLAIN else self._since_plain + 1
         self._steps += 1
         self._start = now
-
-    def end(self, now: Optional[float] = None, own_seconds: Optional[float] = None) -> None:
-        """Called when a step ends (after the optimizer step); ``own_seconds``: the tool's own time in it."""
-        now = time.perf_counter() if now is None else now
-        if self._start is not None:
-            self._record(now - self._start, own_seconds or 0.0)
-        self._start = None
-
-    def pause(self) -> None:
-        """Forget the running step (epoch end, validation): its duration is not a training step's."""
-        self._start = None
 
     def _close_cycle(self) -> None:
         if self._tail_count is not None:
@@ -207,12 +243,14 @@ class SamplingSchedule:
         return 2 * self.min_samples
 
     # ------------------------------------------------------------------------------------------------ estimates
+    @_replayed
     def base(self) -> Optional[float]:
         """Median seconds of a plain step without the tool's own work (None until measured)."""
         if len(self._plain) < self._min_plain():
             return None
         return max(median(self._plain), 1e-9)
 
+    @_replayed
     def always_on(self) -> float:
         """Measured slowdown of every step from the tool's every-step work, as a fraction (0 until measured)."""
         base = self.base()
@@ -220,6 +258,7 @@ class SamplingSchedule:
             return 0.0
         return sum(self._own) / len(self._own) / base
 
+    @_replayed
     def excess(self) -> Optional[float]:
         """Measured extra cost of one sampled step (hooks, its flush and the writer's work, as far as they slow
         the training thread), as a fraction of a plain step (None until measured)."""
@@ -233,6 +272,7 @@ class SamplingSchedule:
         return None
 
     @property
+    @_replayed
     def budget_unreachable(self) -> bool:
         """True when the every-step work alone takes more than nine tenths of the budget (``1 - MIN_ROOM``),
         judged once ``VERDICT_PLAIN`` plain steps are timed: over fewer, the first per-example batched passes
@@ -241,6 +281,7 @@ class SamplingSchedule:
                 and self.base() is not None
                 and self.always_on() > (1.0 - self.MIN_ROOM) * self.overhead_budget)
 
+    @_replayed
     def target_interval(self) -> Optional[float]:
         """The interval whose expected slowdown is the budget (None without a budget or measurements):
         ``excess / (budget - always_on)``, fractional (see :func:`quantize_interval`)."""
@@ -254,6 +295,7 @@ class SamplingSchedule:
     def _clamp(self, x: float) -> float:
         return quantize_interval(min(max(x, self.MIN_BUDGET_INTERVAL), self.max_interval))
 
+    @_replayed
     def proposed_interval(self) -> float:
         """The interval this process proposes now: the current one without a budget or measurements; else
         toward :meth:`target_interval`, moving only by more than ``DEADBAND`` and at most 4x per update."""
@@ -270,6 +312,7 @@ class SamplingSchedule:
             return cur
         return self._clamp(min(max(target, cur / self.MAX_FACTOR), cur * self.MAX_FACTOR))
 
+    @_replayed
     def expected_overhead(self) -> Optional[float]:
         """Expected slowdown at the current interval, as a fraction (None until measured)."""
         excess = self.excess()

@@ -47,6 +47,12 @@ class AsyncWriter:
         self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue(maxsize=max_pending)
         self._gated = False
         self._open = threading.Event()
+        self._is_open = False  # mirrors _open, which only the training thread sets and clears (no lock to read)
+        self._closed = False
+        #: Whether warnings or main-thread jobs wait for :meth:`poll` (a flag, so that a training step with
+        #: nothing to do reads one attribute instead of calling). Set after each is queued, cleared before the
+        #: queues are emptied: a spurious poll can happen, a lost one cannot.
+        self.mail = False
         self._alerts: Deque[tuple[str, type, str]] = deque()
         self._main_thread_jobs: Deque[Callable[[], None]] = deque()
         self._warned: set[str] = set()
@@ -68,7 +74,7 @@ class AsyncWriter:
 
     def busy(self) -> bool:
         """Whether a submitted job is queued or running (cheap; read without a lock)."""
-        return self._queue.unfinished_tasks > 0 and self._thread.is_alive()
+        return self._queue.unfinished_tasks > 0 and not self._closed
 
     def window(self, is_open: bool) -> None:
         """Jobs run while the window is open (the training thread says when: during the backward pass, which
@@ -78,22 +84,27 @@ class AsyncWriter:
         gating, jobs run at once."""
         self._gated = True
         if is_open:  # an Event's set and clear take a lock: only when a job can use the window
-            if self._queue.unfinished_tasks and not self._open.is_set():
+            if self._queue.unfinished_tasks and not self._is_open:
+                self._is_open = True
                 self._open.set()
-        elif self._open.is_set():
+        elif self._is_open:
+            self._is_open = False
             self._open.clear()
 
     def alert(self, message: str, category: type = UserWarning, *, key: Optional[str] = None) -> None:
         """Queues a warning for the training thread (thread-safe). Warnings with the same ``key`` (default: the
         message's start) are raised once; later ones are dropped (TensorBoard's alert texts keep every event)."""
         self._alerts.append((message, category, key or message[:80]))
+        self.mail = True
 
     def on_main_thread(self, job: Callable[[], None]) -> None:
         """Queues a job (e.g. forwarding scalars to a Lightning logger) for the next poll on the training thread."""
         self._main_thread_jobs.append(job)
+        self.mail = True
 
     def poll(self) -> None:
         """On the training thread: emit pending warnings and run main-thread jobs. Cheap when there are none."""
+        self.mail = False
         while self._alerts:
             message, category, key = self._alerts.popleft()
             if key not in self._warned:
@@ -112,6 +123,7 @@ class AsyncWriter:
             self.poll()
             return
         done = threading.Event()
+        self._is_open = True
         self._open.set()  # the training thread waits here: no reason to hold jobs back
         try:
             self._queue.put(done.set, timeout=timeout)
@@ -125,6 +137,7 @@ class AsyncWriter:
             self.drain()
             self._queue.put(None)
             self._thread.join(timeout=30)
+        self._closed = True
         self.poll()
 
     def _run(self) -> None:
