@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type, Union
@@ -272,11 +273,11 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         # cost). Only a detached tensor is kept: holding the output itself would hold its autograd graph, and
         # the tool would then pay for freeing it (0.2 ms on the benchmark's Transformer), which the training
         # loop does anyway.
-        core = self.core
-        if not self._capturing or core is None:  # a validation or predict forward
+        if not self._capturing:  # a validation or predict forward
             return
-        with core.own_time():
-            self._captured = output.detach() if isinstance(output, Tensor) else _logits_of(output)
+        t0 = time.perf_counter()  # never inside another timed call: counted directly (no context object)
+        self._captured = output.detach() if isinstance(output, Tensor) else _logits_of(output)
+        self.core.overhead_seconds += time.perf_counter() - t0  # type: ignore[union-attr]  (set before capturing)
 
     # The backward window (see AsyncWriter.window) only matters while the writer has work: the writer checks
     # that itself, one call from here. Left untimed: a few attribute reads.
@@ -306,12 +307,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         with core.own_time():
             self._capturing = False
             try:
-                self._observe_batch(core, outputs, batch, loss)
+                self._observe_batch(core, outputs, batch)
             finally:
                 self._captured = None
-                core.end_step()
+                core.end_step(loss)
 
-    def _observe_batch(self, core: Introspector, outputs: Any, batch: Any, loss: Any) -> None:
+    def _observe_batch(self, core: Introspector, outputs: Any, batch: Any) -> None:
         out = _as_mapping(outputs)
         logits = out.get("logits")
         if self._logits_in_output is None:
@@ -337,9 +338,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             if core._batches_ok == 0:
                 raise
             core.writer.alert(f"lightning_introspect skipped a batch: {err}", RuntimeWarning)
-            core.observe_loss(loss)
             return
-        core.observe_batch(ids, targets=targets, logits=logits, sample_loss=sample_loss, loss=loss)
+        core.observe_batch(ids, targets=targets, logits=logits, sample_loss=sample_loss)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self.core is not None:
