@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers.tb import read_events
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
@@ -77,6 +78,38 @@ def test_busy_while_a_job_is_queued_or_running_and_not_after() -> None:
     assert not w.busy() and w.failures == 1
     w.close()
     assert not w.busy()
+
+
+def test_mail_from_the_writer_thread_is_flagged_until_the_training_thread_polls() -> None:
+    """Test that a warning and, separately, a main-thread job queued by a writer job each raise ``mail`` (the one
+    attribute a training step reads before it calls ``poll``), that ``poll`` then emits the warning once and runs
+    the job on the training thread, and that ``mail`` is down again afterwards."""
+    w = AsyncWriter()
+    assert not w.mail
+    ran: list[int] = []
+
+    def settle() -> None:
+        deadline = time.monotonic() + 5
+        while w.busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def warn_twice() -> None:
+        w.alert("disk full", RuntimeWarning)
+        w.alert("disk full", RuntimeWarning)  # the same key: raised once
+
+    w.submit(warn_twice)
+    settle()
+    assert w.mail
+    with pytest.warns(RuntimeWarning, match="disk full") as caught:
+        w.poll()
+    assert len(caught) == 1 and not w.mail
+
+    w.submit(lambda: w.on_main_thread(lambda: ran.append(threading.get_ident())))
+    settle()
+    assert w.mail and ran == []
+    w.poll()
+    assert ran == [threading.get_ident()] and not w.mail
+    w.close()
 
 
 def test_spliced_summaries_equal_protobufs_own_encoding(tmp_path: Path) -> None:
