@@ -112,6 +112,30 @@ def test_mail_from_the_writer_thread_is_flagged_until_the_training_thread_polls(
     w.close()
 
 
+def test_a_required_job_runs_on_the_callers_thread_when_the_queue_is_full_or_the_writer_closed() -> None:
+    """Test that an ordinary job is dropped (and counted) when the queue is full while a ``required`` one runs
+    at once on the caller's thread, as it does after ``close``; queued jobs still run in order."""
+    w = AsyncWriter(max_pending=1)
+    release = threading.Event()
+    where: list[tuple[str, int]] = []
+    w.submit(release.wait)  # taken by the thread: it blocks there
+    deadline = time.monotonic() + 5
+    while w._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    w.submit(lambda: where.append(("queued", threading.get_ident())))  # fills the queue
+    w.submit(lambda: where.append(("dropped", threading.get_ident())))
+    w.submit(lambda: where.append(("required", threading.get_ident())), required=True)
+    assert where == [("required", threading.get_ident())] and w.dropped == 1
+    release.set()
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        w.drain()
+    assert [k for k, _ in where] == ["required", "queued"] and where[1][1] != threading.get_ident()
+    w.close()
+    w.submit(lambda: where.append(("closed", threading.get_ident())), required=True)
+    w.submit(lambda: where.append(("closed, dropped", threading.get_ident())))
+    assert where[-1] == ("closed", threading.get_ident())
+
+
 def test_spliced_summaries_equal_protobufs_own_encoding(tmp_path: Path) -> None:
     """Test that the sink's hand-spliced scalar and histogram bytes are exactly what protobuf serializes,
     for long and non-ASCII tags and values that overflow float32, and that TensorBoard reads them back."""

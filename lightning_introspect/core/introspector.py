@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from functools import wraps
@@ -203,6 +204,10 @@ class Introspector:
         self._raw_sig: Optional[tuple] = None  # shapes, dtypes and device of the last batch checked as "raw"
         self._loss_buf: list[Tensor] = []
         self._loss_check = config.detect_nonfinite
+        # Buffered batches are reduced on the writer thread (see _drain_samples); the lock keeps the training
+        # thread's own reads and writes of the store (bad-input counters, explicit drains) apart from them.
+        self._reduce_lock = threading.Lock()
+        self._reduces_submitted = False
         self._steps_since_flush = 0
         self._extras_cost = 0.0  # seconds the last epoch-end picture + suspects table took (writer thread)
         self._extras_done = -math.inf
@@ -273,7 +278,7 @@ class Introspector:
             if type(loss) is Tensor and loss.ndim == 0 and not loss.requires_grad and self._loss_check:
                 self._loss_buf.append(loss)  # what Lightning hands over: observe_loss, without its calls
                 if len(self._loss_buf) >= SAMPLE_BUFFER_STEPS:
-                    self._drain_samples()
+                    self._drain_samples(offload=True)
             elif loss is not None:
                 self.observe_loss(loss)
         finally:
@@ -308,7 +313,7 @@ class Introspector:
             # checked in one op at the next drain (Lightning hands over a detached loss: no op on the step then)
             self._loss_buf.append(loss.detach() if loss.requires_grad else loss)
             if len(self._loss_buf) >= SAMPLE_BUFFER_STEPS:
-                self._drain_samples()
+                self._drain_samples(offload=True)
             return
         bad = (~torch.isfinite(loss.detach())).any()
         if self._loss_bad is None:
@@ -391,7 +396,7 @@ class Introspector:
         self._sample_buf.append(entry)
         self._batches_ok += 1
         if len(self._sample_buf) >= SAMPLE_BUFFER_STEPS:
-            self._drain_samples()
+            self._drain_samples(offload=True)
 
     def _buffer_entry(self, ids: Any, targets: Any, logits: Any, sample_loss: Any) -> Optional[tuple]:
         """Checks one batch's inputs (Python only) and returns what to keep until the next drain."""
@@ -448,13 +453,49 @@ class Introspector:
             "(or 'sample_loss': a (N,) tensor) from training_step, or turn them off with `sample_dynamics=False`."
         )
 
-    def _drain_samples(self) -> None:
-        """Computes and scatters the buffered batches' figures in one pass, and counts buffered NaN losses."""
+    def _drain_samples(self, offload: bool = False) -> None:
+        """Counts the buffered non-finite losses, and computes and scatters the buffered batches' figures in
+        one pass. With ``offload`` (a full buffer, mid-epoch) that pass runs on the writer thread, in order
+        with the flushes, during a backward window (about 1 ms of kernel launches every SAMPLE_BUFFER_STEPS
+        steps on a CPU: 70 us a step off the training thread); under DDP it stays here, as every collective
+        does. Without ``offload`` (explicit flushes, epoch ends, checkpoints: the readers of the store) it runs
+        here once every reduce handed off before it is done."""
         self._drain_losses()
         buf, self._sample_buf = self._sample_buf, []
         if not buf or self.store is None:
             return
+        if offload and not dist.is_distributed():
+            device = self.store.device
+            stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+            self._reduces_submitted = True
+            self.writer.submit(lambda: self._reduce_on_writer(buf, stream), required=True)
+            return
+        self._wait_for_reduces()
+        with self._reduce_lock:
+            self._reduce(buf)
+
+    def _wait_for_reduces(self) -> None:
+        """Blocks until the reduces handed to the writer thread are done (they are queued in order)."""
+        if self._reduces_submitted:
+            self._reduces_submitted = False
+            self.writer.drain()
+
+    def _reduce_on_writer(self, buf: list[tuple], stream: Any) -> None:
+        """A reduce on the writer thread (or on the training thread when the writer's queue is full or it is
+        closed); on CUDA on the training thread's stream, which produced the buffered tensors."""
+        try:
+            with self._reduce_lock, torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+                self._reduce(buf)
+        except Exception as err:  # inputs were checked when buffered: this is a bug or the device failing
+            self.writer.alert(
+                f"lightning_introspect lost the per-example figures of {len(buf)} batches "
+                f"({type(err).__name__}: {err}); training goes on.", RuntimeWarning, key="lost per-example",
+            )
+
+    def _reduce(self, buf: list[tuple]) -> None:
+        """The buffered batches' figures, computed in one pass over their concatenation and scattered."""
         store = self.store
+        assert store is not None
         raws = [e for e in buf if e[0] == "raw"]
         if raws:
             targets = torch.cat([e[2] for e in raws])  # cat promotes mixed dtypes: one conversion, not one per step
@@ -567,10 +608,15 @@ class Introspector:
             captures = [st.take_captures() for st in sts]
             counts = to_device([float(c.count) for c in captures] + [0.0], torch.float64, device)
             loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.float64, device=device)
-            store_bad = (
-                self.store.take_bad_counts() if self.store is not None
-                else torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=device)
-            )
+            store_bad = None
+            # A reduce running on the writer thread holds the lock: its counts are read at a later flush.
+            if self.store is not None and self._reduce_lock.acquire(blocking=False):
+                try:
+                    store_bad = self.store.take_bad_counts()
+                finally:
+                    self._reduce_lock.release()
+            if store_bad is None:
+                store_bad = torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=device)
             extra = torch.cat([loss_bad.reshape(1).to(device, torch.float64), store_bad.to(device)])
             if self._loss_bad is not None:
                 self._loss_bad.zero_()  # after the copy into `extra` (stream order on CUDA)
@@ -999,6 +1045,7 @@ class Introspector:
                     "no per-example records yet: they exist after the first training epoch with sample ids "
                     "(wrap the training set in `WithIndex`)."
                 )
+            self._wait_for_reduces()
             with allow_sync():
                 self._records = self.store.records()
         return self._records

@@ -61,10 +61,19 @@ class AsyncWriter:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None], *, required: bool = False) -> None:
+        """Queues ``job`` for the writer thread. When the queue is full, an ordinary job is dropped (and
+        counted); a ``required`` one (work whose result training reads later) runs on the caller's thread
+        instead, as it does once the writer is closed."""
+        if required and (self._closed or not self._thread.is_alive()):
+            job()
+            return
         try:
             self._queue.put_nowait(job)
         except queue.Full:
+            if required:
+                job()
+                return
             self.dropped += 1
             if self.dropped == 1:
                 self.alert(
