@@ -513,3 +513,27 @@ def test_per_example_passes_run_on_the_writer_thread_and_the_epoch_end_waits_for
     assert len(intro.threads) == steps // SAMPLE_BUFFER_STEPS + 1
     assert all(t != main for t in intro.threads[:-1]) and intro.threads[-1] == main
     np.testing.assert_array_equal(records["seen_epochs"], np.ones(n, dtype=np.int16))
+
+
+def test_batches_reduced_together_off_thread_keep_their_ids_apart() -> None:
+    """Test that the same ids in different steps' batches (a sampler drawing with replacement, or a small set)
+    count as seen once per batch and never as ids repeated within a batch, when whole buffers of batches are
+    joined and reduced on the writer thread."""
+    from torch import nn
+
+    from lightning_introspect.core.config import IntrospectConfig
+    from lightning_introspect.core.introspector import SAMPLE_BUFFER_STEPS, Introspector
+    from lightning_introspect.core.samples import BAD_INPUT_NAMES
+
+    n, classes, steps = 8, 3, 2 * SAMPLE_BUFFER_STEPS
+    intro = Introspector(nn.Sequential(nn.Linear(4, classes)), IntrospectConfig(every_n_steps=10**6, warmup_steps=0), num_examples=n)
+    for step in range(steps):
+        with intro.step(step):
+            intro.observe_batch(torch.arange(n), targets=torch.arange(n) % classes, logits=torch.randn(n, classes))
+    intro._wait_for_reduces()
+    assert intro._reduces_submitted is False and intro.store is not None
+    bad = dict(zip(BAD_INPUT_NAMES, intro.store.bad.tolist()))
+    counts = intro.store.epoch[:n, 0]
+    intro.close()
+    assert bad["ids_repeated_in_batch"] == 0
+    assert counts.tolist() == [float(steps)] * n
