@@ -464,30 +464,31 @@ class Introspector:
         buf, self._sample_buf = self._sample_buf, []
         if not buf or self.store is None:
             return
+        raw = self._join_raws(buf)
+        figs = [e for e in buf if e[0] == "fig"]
+        del buf
         if offload and not dist.is_distributed():
             device = self.store.device
             stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
             self._reduces_submitted = True
-            buf = self._compact(buf)
-            self.writer.submit(lambda: self._reduce_on_writer(buf, stream), required=True)
+            self.writer.submit(lambda: self._reduce_on_writer(raw, figs, stream), required=True)
             return
         self._wait_for_reduces()
         with self._reduce_lock:
-            self._reduce(buf)
+            self._reduce(raw, figs)
 
     @staticmethod
-    def _compact(buf: list[tuple]) -> list[tuple]:
-        """The buffered batches with logits, concatenated here (three copies, a few microseconds) so that the
-        dozens of small tensors are freed now, on this thread, in the order they came: kept until the writer
-        runs, they would sit between the next step's activations and hold the heap apart (measured: several MB
-        more peak memory on the MLP benchmark)."""
+    def _join_raws(buf: list[tuple]) -> Optional[tuple]:
+        """The buffered batches with logits as one ``(ids, targets, logits, batch sizes)``, joined here, on the
+        training thread (three copies, a few microseconds), so that the dozens of small tensors are freed now,
+        in the order they came: kept until the writer runs, they would sit between the next step's activations
+        and hold the heap apart (measured: about 12 MB more peak memory on the MLP benchmark)."""
         raws = [e for e in buf if e[0] == "raw"]
-        if len(raws) < 2:
-            return buf
-        sizes = tuple(e[1].shape[0] for e in raws)
-        joined = ("raw", torch.cat([e[1] for e in raws]), torch.cat([e[2] for e in raws]),
-                  torch.cat([e[3] for e in raws]), sizes)
-        return [joined, *(e for e in buf if e[0] != "raw")]
+        if not raws:
+            return None
+        # cat promotes mixed target dtypes: one conversion in the reduce, not one per step
+        return (torch.cat([e[1] for e in raws]), torch.cat([e[2] for e in raws]), torch.cat([e[3] for e in raws]),
+                [e[1].shape[0] for e in raws])
 
     def _wait_for_reduces(self) -> None:
         """Blocks until the reduces handed to the writer thread are done (they are queued in order)."""
@@ -495,36 +496,33 @@ class Introspector:
             self._reduces_submitted = False
             self.writer.drain()
 
-    def _reduce_on_writer(self, buf: list[tuple], stream: Any) -> None:
+    def _reduce_on_writer(self, raw: Optional[tuple], figs: list[tuple], stream: Any) -> None:
         """A reduce on the writer thread (or on the training thread when the writer's queue is full or it is
         closed); on CUDA on the training thread's stream, which produced the buffered tensors."""
         try:
             with self._reduce_lock, torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
-                self._reduce(buf)
+                self._reduce(raw, figs)
         except Exception as err:  # inputs were checked when buffered: this is a bug or the device failing
+            batches = len(figs) + (len(raw[3]) if raw is not None else 0)
             self.writer.alert(
-                f"lightning_introspect lost the per-example figures of {len(buf)} batches "
+                f"lightning_introspect lost the per-example figures of {batches} batches "
                 f"({type(err).__name__}: {err}); training goes on.", RuntimeWarning, key="lost per-example",
             )
 
-    def _reduce(self, buf: list[tuple]) -> None:
-        """The buffered batches' figures, computed in one pass over their concatenation and scattered."""
+    def _reduce(self, raw: Optional[tuple], figs: list[tuple]) -> None:
+        """The buffered batches' figures, computed in one pass over their concatenation and scattered:
+        ``raw`` as :meth:`_join_raws` returns it, ``figs`` the batches that came with per-example figures."""
         store = self.store
         assert store is not None
-        raws = [e for e in buf if e[0] == "raw"]
-        if raws:
-            targets = torch.cat([e[2] for e in raws])  # cat promotes mixed dtypes: one conversion, not one per step
+        if raw is not None:
+            ids, targets, logits, sizes = raw
             if targets.dtype != torch.long:
                 targets = targets.long()
-            loss, margin, conf, correct, valid = classification_figures(torch.cat([e[3] for e in raws]), targets)
-            store.observe(  # a compacted entry carries its batches' sizes
-                torch.cat([e[1] for e in raws]), loss, margin, conf, correct, labels=targets, valid=valid,
-                batch_sizes=[n for e in raws for n in (e[4] if len(e) > 4 else (e[1].shape[0],))],
-            )
+            loss, margin, conf, correct, valid = classification_figures(logits, targets)
+            store.observe(ids, loss, margin, conf, correct, labels=targets, valid=valid, batch_sizes=sizes)
         groups: dict[tuple, list[tuple]] = {}
-        for e in buf:
-            if e[0] == "fig":
-                groups.setdefault((len(e[2]), e[3] is None, e[4] is None), []).append(e)
+        for e in figs:
+            groups.setdefault((len(e[2]), e[3] is None, e[4] is None), []).append(e)
         for (n_fields, no_labels, no_valid), entries in groups.items():
             fields = [torch.cat([e[2][i].reshape(-1) for e in entries]) for i in range(n_fields)]
             store.observe(
@@ -623,15 +621,13 @@ class Introspector:
             captures = [st.take_captures() for st in sts]
             counts = to_device([float(c.count) for c in captures] + [0.0], torch.float64, device)
             loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.float64, device=device)
-            store_bad = None
+            store_bad = torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=device)
             # A reduce running on the writer thread holds the lock: its counts are read at a later flush.
             if self.store is not None and self._reduce_lock.acquire(blocking=False):
                 try:
                     store_bad = self.store.take_bad_counts()
                 finally:
                     self._reduce_lock.release()
-            if store_bad is None:
-                store_bad = torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=device)
             extra = torch.cat([loss_bad.reshape(1).to(device, torch.float64), store_bad.to(device)])
             if self._loss_bad is not None:
                 self._loss_bad.zero_()  # after the copy into `extra` (stream order on CUDA)

@@ -487,9 +487,9 @@ def test_per_example_passes_run_on_the_writer_thread_and_the_epoch_end_waits_for
     class Watched(Introspector):
         threads: list[int] = []  # one instance per test
 
-        def _reduce(self, buf: list) -> None:
+        def _reduce(self, raw: object, figs: list) -> None:
             self.threads.append(threading.get_ident())
-            super()._reduce(buf)
+            super()._reduce(raw, figs)
 
     n, size, classes = 3 * SAMPLE_BUFFER_STEPS * 8 + 40, 8, 3
     steps = n // size
