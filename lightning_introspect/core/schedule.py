@@ -70,12 +70,13 @@ class SamplingSchedule:
     last 64 steps of that kind: what a sample costs the training thread whatever the machine does with the
     writer thread (a free core makes it cheap, a busy one does not). The slowdown at interval ``N`` is then
     ``excess / N + always_on``, and the proposed interval is the ``N`` that makes it the budget, but at
-    least 3: every cycle keeps a plain step, so the base stays measured (when tail steps leave none for two
-    intervals, the interval doubles until they do). ``N`` may be fractional (a multiple of 1/8 below 64):
-    between 3 and 4 steps, whole intervals alone would miss a 5 % budget by up to 0.7 points. Interquartile
+    least 2.5: cycles of two and three steps alternate, so every other cycle keeps a plain step and the base
+    stays measured (when tail steps leave none for two intervals, the interval doubles until they do). ``N``
+    may be fractional (a multiple of 1/8 below 64): between 3 and 4 steps, whole intervals alone would miss a
+    5 % budget by up to 0.7 points, and a sample that costs a sixth of a step needs 2.5 to 3 to spend 5 %. Interquartile
     means make the estimate robust to other jobs on the machine; pauses (a step more than ten times the
     median of its kind: validation, checkpoints, a debugger) are left out. The interval moves only when the
-    target differs by more than 5 % (or is the bound, 3 or ``max_interval``), and by at most a factor of 4
+    target differs by more than 5 % (or is the bound, 2.5 or ``max_interval``), and by at most a factor of 4
     per update, so it settles instead of oscillating. Step time is
     in-step time (from :meth:`tick` to :meth:`end`: forward, backward, optimizer), so time spent loading
     data only makes the real slowdown smaller. Without :meth:`end` calls, start-to-start times are used.
@@ -97,7 +98,9 @@ class SamplingSchedule:
     WINDOW = 64  # cycle steps of each kind (and cycles) the excess is measured over
     MIN_ROOM = 0.1  # share of the budget the sampled steps keep when the every-step work takes the rest
     BASE_WINDOW = 16  # recent plain steps the bare step is measured over: the machine's speed drifts
-    MIN_BUDGET_INTERVAL = 3  # under a budget: sampled, flushing, and at least one plain step per cycle
+    # under a budget: a cycle is the sampled step and the flushing one, and at least every other cycle has a
+    # plain step (2.5 samples steps 0, 3, 5, 8, 10, ...: gaps of 3 and 2 alternate)
+    MIN_BUDGET_INTERVAL = 2.5
     VERDICT_PLAIN = 64  # plain steps timed before the budget is judged out of reach (a few batched passes)
     LOG_LIMIT = 256  # timing events logged before they are replayed without an estimate being read
 
