@@ -122,9 +122,9 @@ class LayerStats:
     """One layer's activation statistics between two flushes, and its dead-unit streaks across flushes.
 
     A hook calls :meth:`capture` with the layer output (a layer called twice in one forward is captured
-    twice: the calls add). A capture reads every element twice on the device, for the exact minimum and
-    maximum (NaN/Inf show up there, so a non-finite value is never missed) and for each unit's maximum
-    (dead units), and copies a strided subsample of at most ``max_stat_elements`` values for the mean,
+    twice: the calls add). A capture reads every element twice on the device, for the exact minimum and for
+    each unit's maximum (dead units), whose maximum is the exact maximum (NaN/Inf show up in both, so a
+    non-finite value is never missed), and copies a strided subsample of at most ``max_stat_elements`` values for the mean,
     standard deviation, fraction of zeros, non-finite count and histogram: past a few thousand values more
     elements change these figures less than the step-to-step noise, and a sampled step's cost stays
     bounded whatever the layer's size. At the flush, :class:`CaptureFolder` folds the captures of all
@@ -182,12 +182,14 @@ class LayerStats:
             flat = flat[:: numel // max_stat_elements][:max_stat_elements]
         self.subs.append(flat.to(torch.float32, copy=True))  # a copy: a later in-place op must not change it
         self.count += self.subs[-1].numel()
-        if moments:
-            lo, hi = torch.aminmax(x)
-            self.lows.append(lo)
-            self.highs.append(hi)
+        # Two passes over x: its minimum, and each unit's maximum, whose maximum is x's (a NaN carries through
+        # both). On a 64x16x16x16 CPU output, torch.aminmax and the units' maxima took 59 us; these take 33.
         if dead:
-            self.unit_max.append(unit_amax(x, self.unit_dim))
+            unit_max = unit_amax(x, self.unit_dim)
+            self.unit_max.append(unit_max)
+        if moments:
+            self.lows.append(x.amin())
+            self.highs.append(unit_max.amax() if dead else x.amax())
         return True
 
     def clear_captures(self) -> None:
