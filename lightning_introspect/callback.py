@@ -89,7 +89,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         every_n_steps: sample every N optimizer steps (after the warm-up).
         warmup_steps: sample each of the first K steps.
         overhead_budget: fraction, e.g. 0.02: adapt the interval so that the measured slowdown of the training
-            step (data loading aside) stays near it, sampling at most every third step (the interval can be
+            step (data loading aside) stays near it, sampling at most every 2.5 steps (the interval can be
             fractional: 3.5 samples every third or fourth step). The work done on every step (per-example
             dynamics, the hook bodies) counts against the budget; when it alone exceeds the budget, a warning
             says so. How it is measured: :class:`~lightning_introspect.core.schedule.SamplingSchedule`.
