@@ -73,13 +73,13 @@ class SamplingSchedule:
     least 2.5: cycles of two and three steps alternate, so every other cycle keeps a plain step and the base
     stays measured (when tail steps leave none for two intervals, the interval doubles until they do). ``N``
     may be fractional (a multiple of 1/8 below 64): between 3 and 4 steps, whole intervals alone would miss a
-    5 % budget by up to 0.7 points, and a sample that costs a sixth of a step needs 2.5 to 3 to spend 5 %. Interquartile
-    means make the estimate robust to other jobs on the machine; pauses (a step more than ten times the
-    median of its kind: validation, checkpoints, a debugger) are left out. The interval moves only when the
-    target differs by more than 5 % (or is the bound, 2.5 or ``max_interval``), and by at most a factor of 4
-    per update, so it settles instead of oscillating. Step time is
-    in-step time (from :meth:`tick` to :meth:`end`: forward, backward, optimizer), so time spent loading
-    data only makes the real slowdown smaller. Without :meth:`end` calls, start-to-start times are used.
+    5 % budget by up to 0.7 points, and a sample that costs 0.13 of a plain step needs 2.6 to spend 5 %.
+    Interquartile means make the estimate robust to other jobs on the machine; pauses (a step more than ten
+    times the median of its kind: validation, checkpoints, a debugger) are left out. The interval moves only
+    when the target differs by more than 5 % (or is the bound, 2.5 or ``max_interval``), and by at most a
+    factor of 4 per update, so it settles instead of oscillating. Step time is in-step time (from
+    :meth:`tick` to :meth:`end`: forward, backward, optimizer), so time spent loading data only makes the
+    real slowdown smaller. Without :meth:`end` calls, start-to-start times are used.
 
     The sampled steps get what ``always_on`` leaves of the budget, but at least a tenth of it
     (``MIN_ROOM``): when ``always_on`` alone takes more than nine tenths, the budget cannot be held

@@ -124,10 +124,10 @@ class LayerStats:
     A hook calls :meth:`capture` with the layer output (a layer called twice in one forward is captured
     twice: the calls add). A capture reads every element twice on the device, for the exact minimum and for
     each unit's maximum (dead units), whose maximum is the exact maximum (NaN/Inf show up in both, so a
-    non-finite value is never missed), and copies a strided subsample of at most ``max_stat_elements`` values for the mean,
-    standard deviation, fraction of zeros, non-finite count and histogram: past a few thousand values more
-    elements change these figures less than the step-to-step noise, and a sampled step's cost stays
-    bounded whatever the layer's size. At the flush, :class:`CaptureFolder` folds the captures of all
+    non-finite value is never missed), and copies a strided subsample of at most ``max_stat_elements``
+    values for the mean, standard deviation, fraction of zeros, non-finite count and histogram: past a few
+    thousand values more elements change these figures less than the step-to-step noise, and a sampled
+    step's cost stays bounded whatever the layer's size. At the flush, :class:`CaptureFolder` folds the captures of all
     layers at once, in a fixed number of kernels.
 
     ``update`` = capture + fold into this layer's own buffers (``sums`` = [sum, sum of squares, zeros,
@@ -184,12 +184,12 @@ class LayerStats:
         self.count += self.subs[-1].numel()
         # Two passes over x: its minimum, and each unit's maximum, whose maximum is x's (a NaN carries through
         # both). On a 64x16x16x16 CPU output, torch.aminmax and the units' maxima took 59 us; these take 33.
-        if dead:
-            unit_max = unit_amax(x, self.unit_dim)
+        unit_max = unit_amax(x, self.unit_dim) if dead else None
+        if unit_max is not None:
             self.unit_max.append(unit_max)
         if moments:
             self.lows.append(x.amin())
-            self.highs.append(unit_max.amax() if dead else x.amax())
+            self.highs.append(x.amax() if unit_max is None else unit_max.amax())
         return True
 
     def clear_captures(self) -> None:

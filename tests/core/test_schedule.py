@@ -241,7 +241,7 @@ def test_cheap_sampling_goes_down_to_two_and_a_half_steps() -> None:
     assert expected is not None and expected == pytest.approx(0.01 / 2.5, abs=1e-3)
 
 
-def test_a_sixth_of_a_step_per_sample_spends_five_percent_between_two_and_three() -> None:
+def test_a_sample_of_0_13_steps_spends_five_percent_between_two_and_three_steps() -> None:
     """Test that a sample costing +8 % on the sampled step and +5 % on the flushing one (0.13 of a step)
     settles below 3 under a 5 % budget (2.6 is the target; 2.5 is within the deadband), where the old floor
     of 3 held it at 4.3 %: the sampled share of the later steps is the budget to a third of a point."""
