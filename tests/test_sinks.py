@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.tb import read_events
+from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
 from lightning_introspect.sinks import AsyncWriter, TensorBoardSink
-from lightning_introspect.sinks.tensorboard import _histogram_value_wire
+from lightning_introspect.sinks.tensorboard import _event_wire, _histogram_value_wire
 
 
 def test_jobs_wait_for_the_window_then_run_in_order() -> None:
@@ -148,13 +149,22 @@ def test_spliced_summaries_equal_protobufs_own_encoding(tmp_path: Path) -> None:
              bucket_counts=np.array([1.0, 0.0, 9.0]))
     histo = HistogramProto(min=-1.5, max=2.0, num=10, sum=3, sum_squares=7.5, bucket_limit=[0.1, 1, 2], bucket=[1, 0, 9])
     assert _histogram_value_wire("hist/é", h) == Summary(value=[Summary.Value(tag="hist/é", histo=histo)]).SerializeToString()
+    wire = sink._scalars_wire(values)
+    for step in (0, 4, 300, 2**40):
+        event = Event(wall_time=1234.5, step=step, summary=Summary.FromString(wire))
+        assert _event_wire(wire, step, 1234.5) == event.SerializeToString()
+    assert sink._event_queue() is not None  # a SummaryWriter's events take the byte path
     sink.add_scalars(values, 4)
     sink.add_histograms_raw([("hist/é", h)], 4)
+    sink._byte_writer = (sink.writer._get_file_writer(), None)  # as with a writer of another kind: protobuf
+    sink.add_scalars({"a": 2.0}, 5)
+    sink.add_histograms_raw([("hist/é", h)], 5)
     sink.close()
     ev = read_events(tmp_path)
     assert ev.scalars["activation_mean/net.0"] == [(4, -0.25)] and ev.scalars["é/ü"] == [(4, math.inf)]
-    (step, got), = ev.histograms["hist/é"]
-    assert step == 4 and list(got.bucket) == [1, 0, 9] and list(got.bucket_limit) == [0.1, 1, 2]
+    assert ev.scalars["a"] == [(4, 1.0), (5, 2.0)]
+    assert [(step, list(got.bucket), list(got.bucket_limit)) for step, got in ev.histograms["hist/é"]] == [
+        (4, [1, 0, 9], [0.1, 1, 2]), (5, [1, 0, 9], [0.1, 1, 2])]
 
 
 def test_uint8_image_reads_back_pixel_exact(tmp_path: Path) -> None:

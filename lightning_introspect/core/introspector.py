@@ -58,6 +58,14 @@ DIAGNOSE_STEPS = 3
 SAMPLE_BUFFER_STEPS = 16
 MAX_BUFFERED_LOGITS = 1 << 18  # larger (N, C) logits are reduced to per-example figures at once
 EXTRAS_DUTY = 0.05
+# Scalars of a layer (activation statistics, dead units), of a parameter-owning layer and of a parameter,
+# in the order of their values in _write_flush.
+_ACTIVATION_TAGS = ("activation_mean", "activation_std", "activation_min", "activation_max",
+                    "activation_zero_fraction", "activation_nonfinite")
+_DEAD_TAGS = ("dead_fraction", "dead_count", "dead_windows")
+_GRAD_TAGS = ("grad_norm", "grad_to_weight", "update_to_weight")
+_PARAM_TAGS = ("param_grad_norm",)
+_HIST_TAGS = ("activation_hist",)
 MAX_WRITTEN_BUCKETS = 40  # histogram buckets per event (adjacent ones merged beyond)
 
 
@@ -195,6 +203,7 @@ class Introspector:
         self._loss_bad: Optional[Tensor] = None
         self._diagnose = 0
         self._layout_written = False
+        self._tag_cache: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._batches_ok = 0
         self._records: Optional[dict[str, np.ndarray]] = None
         self._prev_forgets: Optional[np.ndarray] = None
@@ -765,65 +774,63 @@ class Introspector:
         cfg = self.config
         step = meta["step"]
         scalars: dict[str, float] = {}
-        hists: list[tuple[str, dict[str, Any]]] = []
         nonfinite_layers: list[str] = []
         off = 0
         L = len(meta["layers"])
-        if L:  # blocks: sums (L, 4), mins (L, 2), fired (all units), hist (L, BINS), dead (L, 2)
-            sums = data[off : off + 4 * L].reshape(L, 4); off += 4 * L
-            mins = data[off : off + 2 * L].reshape(L, 2); off += 2 * L
-            off += sum(u for _, u, _, _ in meta["layers"])  # firing counts: already folded into the streaks
-            hist = data[off : off + HIST_BINS * L].reshape(L, HIST_BINS); off += HIST_BINS * L
-            dead = data[off : off + 2 * L].reshape(L, 2); off += 2 * L
-            for i, (name, units, _, windows) in enumerate(meta["layers"]):
-                hists.append((name, {"sums": sums[i], "mins": mins[i], "hist": hist[i], "dead": dead[i],
-                                     "units": units, "windows": windows}))
-        n_layers = len(meta["layers"])
-        counts = data[off : off + n_layers]; off += n_layers + 1
+        # blocks: sums (L, 4), mins (L, 2), fired (all units), hist (L, BINS), dead (L, 2), counts (L + 1)
+        sums = data[off : off + 4 * L].reshape(L, 4); off += 4 * L
+        mins = data[off : off + 2 * L].reshape(L, 2); off += 2 * L
+        off += sum(u for _, u, _, _ in meta["layers"])  # firing counts: already folded into the streaks
+        hist = data[off : off + HIST_BINS * L].reshape(L, HIST_BINS); off += HIST_BINS * L
+        dead = data[off : off + 2 * L].reshape(L, 2); off += 2 * L
+        counts = data[off : off + L]; off += L + 1
         extra = data[off : off + 1 + len(BAD_INPUT_NAMES)]; off += 1 + len(BAD_INPUT_NAMES)
         off += 1  # the reduced interval: applied on the training thread at the flush
-        for (_, info), count in zip(hists, counts):
-            info["count"] = float(count)
-        for (name, info), count in zip(hists, counts):
-            if count <= 0:
-                continue
-            s, ss, zeros, nonfinite = info["sums"]
-            if cfg.activations:
-                mean = s / count
-                std = math.sqrt(max(ss / count - mean * mean, 0.0)) if math.isfinite(mean) else float("nan")
-                scalars[f"activation_mean/{name}"] = mean
-                scalars[f"activation_std/{name}"] = std
-                scalars[f"activation_min/{name}"] = float(info["mins"][0])
-                scalars[f"activation_max/{name}"] = float(-info["mins"][1])
-                scalars[f"activation_zero_fraction/{name}"] = zeros / count
-                scalars[f"activation_nonfinite/{name}"] = nonfinite
-                if nonfinite > 0 or not all(map(math.isfinite, (mean, *info["mins"]))):
-                    nonfinite_layers.append(name)
-            if cfg.dead_units and info["windows"] >= cfg.dead_window and info["units"] and name in meta["dead_layers"]:
-                dead_count, dead_windows = info["dead"]
-                scalars[f"dead_fraction/{name}"] = dead_count / info["units"]
-                scalars[f"dead_count/{name}"] = dead_count
-                scalars[f"dead_windows/{name}"] = dead_windows
+        if L:  # one numpy pass over all layers, tags made once per layer (the writer's Python holds the GIL)
+            live = np.flatnonzero(counts > 0)
+            names = [meta["layers"][i][0] for i in live]
+            if cfg.activations and live.size:
+                c = counts[live]
+                s1, s2, zeros, nonfinite = sums[live].T
+                with np.errstate(all="ignore"):
+                    mean = s1 / c
+                    std = np.where(np.isfinite(mean), np.sqrt(np.maximum(s2 / c - mean * mean, 0.0)), np.nan)
+                    values = np.stack([mean, std, mins[live, 0], -mins[live, 1], zeros / c, nonfinite], 1)
+                scalars.update(zip([t for n in names for t in self._tags(n, _ACTIVATION_TAGS)], values.ravel().tolist()))
+                bad = (nonfinite > 0) | ~np.isfinite(values[:, [0, 2, 3]]).all(1)
+                nonfinite_layers = [n for n, b in zip(names, bad.tolist()) if b]
+            if cfg.dead_units:
+                for i, name in zip(live.tolist(), names):
+                    _, units, _, windows = meta["layers"][i]
+                    if windows >= cfg.dead_window and units and name in meta["dead_layers"]:
+                        dead_count, dead_windows = dead[i].tolist()
+                        t_frac, t_count, t_windows = self._tags(name, _DEAD_TAGS)
+                        scalars[t_frac] = dead_count / units
+                        scalars[t_count] = dead_count
+                        scalars[t_windows] = dead_windows
         if meta["grad_observed"]:
             L = len(self.grad.layer_names)
             g2, w2, u2 = data[off : off + L], data[off + L : off + 2 * L], data[off + 2 * L : off + 3 * L]
             off += 3 * L
-            sel = meta["grad_layers"]
-            scalars["grad_norm/global"] = math.sqrt(float(g2[sel].sum()))
-            for i in sel:
-                name = self.grad.layer_names[i]
-                scalars[f"grad_norm/{name}"] = math.sqrt(g2[i])
-                if w2[i] > 0:
-                    scalars[f"grad_to_weight/{name}"] = math.sqrt(g2[i] / w2[i])
-                    if meta["grad_updated"] and cfg.update_ratios:
-                        scalars[f"update_to_weight/{name}"] = math.sqrt(u2[i] / w2[i])
-            if meta["grad_updated"] and cfg.update_ratios and w2[sel].sum() > 0:
-                scalars["update_to_weight/global"] = math.sqrt(float(u2[sel].sum() / w2[sel].sum()))
+            sel = np.asarray(meta["grad_layers"], dtype=np.int64)
+            names = [self.grad.layer_names[i] for i in sel.tolist()]
+            tags = [self._tags(n, _GRAD_TAGS) for n in names]
+            g2s, w2s, u2s = g2[sel], w2[sel], u2[sel]
+            scalars["grad_norm/global"] = math.sqrt(float(g2s.sum()))
+            scalars.update(zip([t[0] for t in tags], np.sqrt(g2s).tolist()))
+            has_w = np.flatnonzero(w2s > 0)
+            w = w2s[has_w]
+            scalars.update(zip([tags[j][1] for j in has_w.tolist()], np.sqrt(g2s[has_w] / w).tolist()))
+            if meta["grad_updated"] and cfg.update_ratios:
+                scalars.update(zip([tags[j][2] for j in has_w.tolist()], np.sqrt(u2s[has_w] / w).tolist()))
+                if w2s.sum() > 0:
+                    scalars["update_to_weight/global"] = math.sqrt(float(u2s.sum() / w2s.sum()))
             if cfg.param_grad_norms:
                 P = len(self.grad.param_names)
                 pg = data[off : off + P]; off += P
-                for i in meta["param_positions"]:
-                    scalars[f"param_grad_norm/{self.grad.param_names[i]}"] = math.sqrt(pg[i])
+                positions = meta["param_positions"]
+                names = [self.grad.param_names[i] for i in positions]
+                scalars.update(zip([self._tags(n, _PARAM_TAGS)[0] for n in names], np.sqrt(pg[positions]).tolist()))
         self._main(self._warn_if_budget_unreachable)
         if meta["counters_only"]:  # an epoch end or close with no sampled step pending: alerts only
             self._alerts_for_flush(step, meta, extra, nonfinite_layers, scalars)
@@ -832,12 +839,15 @@ class Introspector:
         if meta["overhead"] is not None:
             scalars["introspect/overhead"] = meta["overhead"]
         self._alerts_for_flush(step, meta, extra, nonfinite_layers, scalars)
+        raw: Optional[list[tuple[str, dict[str, Any]]]] = None
         for sink in self.sinks:
             if not self._layout_written and hasattr(sink, "add_layout"):
                 sink.add_layout(tensorboard_layout(cfg))
             sink.add_scalars(scalars, step)
             if meta["histogram"] and cfg.histograms:
-                raw = [(f"activation_hist/{name}", h) for name, info in hists if (h := _hist_proto_args(info))]
+                if raw is None:
+                    raw = [(self._tags(layer[0], _HIST_TAGS)[0], h)
+                           for layer, h in zip(meta["layers"], _hist_proto_args(hist, mins, sums, counts)) if h is not None]
                 if hasattr(sink, "add_histograms_raw"):
                     sink.add_histograms_raw(raw, step)
                 else:
@@ -848,6 +858,16 @@ class Introspector:
         if self.on_scalars is not None:
             cb = self.on_scalars
             self._main(lambda: cb(scalars, step))
+
+    def _tags(self, name: str, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        """The tags ``kind/name`` of one layer or parameter, made once (a step writes hundreds)."""
+        key = (name, kinds)
+        tags = self._tag_cache.get(key)
+        if tags is None:
+            if len(self._tag_cache) > 100_000:  # names are a bounded set; a pathological model gets no leak
+                self._tag_cache.clear()
+            tags = self._tag_cache[key] = tuple(f"{kind}/{name}" for kind in kinds)
+        return tags
 
     def _alerts_for_flush(
         self, step: int, meta: dict[str, Any], extra: np.ndarray, nonfinite_layers: list[str], scalars: dict[str, float]
@@ -1124,30 +1144,44 @@ class Introspector:
                 self.num_examples = int(state["store"]["num_examples"])
 
 
-def _hist_proto_args(info: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """Keyword arguments of ``add_histogram_raw`` for one layer's bucket counts: only the span of non-empty
-    buckets, the outer edges clipped to the exact min and max. None when there is nothing to show."""
-    counts = info["hist"]
-    nz = np.nonzero(counts)[0]
-    if nz.size == 0:
-        return None
-    i0, i1 = int(nz[0]), int(nz[-1])
-    lo, hi = float(info["mins"][0]), float(-info["mins"][1])
-    limits = _EDGES[i0 + 1 : i1 + 2].copy()
-    limits[-1] = min(limits[-1], hi) if math.isfinite(limits[-1]) else hi
-    span = counts[i0 : i1 + 1]
-    if span.size > MAX_WRITTEN_BUCKETS:
-        # Adjacent buckets merged: TensorBoard shows ~30 bins anyway, and smaller events cost the writer less.
-        g = -(-span.size // MAX_WRITTEN_BUCKETS)
-        pad = -span.size % g
-        span = np.concatenate([span, np.zeros(pad)]).reshape(-1, g).sum(1)
-        limits = np.concatenate([limits, np.full(pad, limits[-1])])[g - 1 :: g]
-    num = float(counts.sum())
-    scale = num / info["count"] if info["count"] > 0 else 0.0  # the histogram sees a strided subsample
-    return {
-        "min": lo, "max": hi, "num": num, "sum": float(info["sums"][0]) * scale,
-        "sum_squares": float(info["sums"][1]) * scale, "bucket_limits": limits, "bucket_counts": span,
-    }
+def _hist_proto_args(
+    hist: np.ndarray, mins: np.ndarray, sums: np.ndarray, counts: np.ndarray
+) -> list[Optional[dict[str, Any]]]:
+    """Keyword arguments of ``add_histogram_raw`` for each layer's bucket counts (rows of ``hist`` (L, BINS),
+    with the layers' ``mins`` [min, -max], ``sums`` [sum, sum of squares, ...] and subsampled ``counts``):
+    only the span of non-empty buckets, the outer edges clipped to the exact min and max; more than
+    ``MAX_WRITTEN_BUCKETS`` adjacent buckets merged (TensorBoard shows ~30 bins anyway, and smaller events cost
+    the writer less). None for a layer with nothing to show. The span search and the totals are one numpy pass
+    over all layers."""
+    nonzero = hist != 0
+    shown = nonzero.any(1)
+    first = nonzero.argmax(1)
+    last = hist.shape[1] - 1 - nonzero[:, ::-1].argmax(1)
+    num = hist.sum(1)
+    with np.errstate(all="ignore"):
+        scale = np.where(counts > 0, num / counts, 0.0)  # the histogram sees a strided subsample
+    out: list[Optional[dict[str, Any]]] = []
+    for i, (ok, i0, i1, lo, neg_hi, n, sc) in enumerate(
+        zip(shown.tolist(), first.tolist(), last.tolist(), mins[:, 0].tolist(), mins[:, 1].tolist(), num.tolist(),
+            scale.tolist())
+    ):
+        if not ok:
+            out.append(None)
+            continue
+        hi = -neg_hi
+        limits = _EDGES[i0 + 1 : i1 + 2].copy()
+        limits[-1] = min(limits[-1], hi) if math.isfinite(limits[-1]) else hi
+        span = hist[i, i0 : i1 + 1]
+        if span.size > MAX_WRITTEN_BUCKETS:  # groups of g adjacent buckets, the last one possibly shorter
+            g = -(-span.size // MAX_WRITTEN_BUCKETS)
+            starts = np.arange(0, span.size, g)
+            span = np.add.reduceat(span, starts)
+            limits = limits[np.minimum(starts + g - 1, limits.size - 1)]
+        out.append({
+            "min": lo, "max": hi, "num": n, "sum": float(sums[i, 0]) * sc, "sum_squares": float(sums[i, 1]) * sc,
+            "bucket_limits": limits, "bucket_counts": span,
+        })
+    return out
 
 
 def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoch: int, top: int = 10) -> str:
