@@ -58,6 +58,11 @@ DIAGNOSE_STEPS = 3
 SAMPLE_BUFFER_STEPS = 16
 MAX_BUFFERED_LOGITS = 1 << 18  # larger (N, C) logits are reduced to per-example figures at once
 EXTRAS_DUTY = 0.05
+# Windows of consecutive sampled steps (every step sampled: dense warm-up, every_n_steps=1) are handed to the
+# writer thread this many at a time, for one fold, one pack and one host copy. The writer's Python holds the
+# GIL, and the training thread waits for it even in its backward pass; a fold's Python costs about as much
+# for eight windows as for one. TensorBoard sees them at most this many steps later.
+FOLD_BATCH = 8
 # Scalars of a layer (activation statistics, dead units), of a parameter-owning layer and of a parameter,
 # in the order of their values in _write_flush.
 _ACTIVATION_TAGS = ("activation_mean", "activation_std", "activation_min", "activation_max",
@@ -204,6 +209,8 @@ class Introspector:
         self._diagnose = 0
         self._layout_written = False
         self._tag_cache: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+        self._held: list[tuple[tuple, dict[str, Any]]] = []  # flushed windows not yet handed to the writer
+        self._held_key: tuple = ()
         self._batches_ok = 0
         self._records: Optional[dict[str, np.ndarray]] = None
         self._prev_forgets: Optional[np.ndarray] = None
@@ -252,6 +259,8 @@ class Introspector:
             if self._pending is not None and self._pending != step:
                 self._flush()
             sampled = self._diagnose > 0 or self.schedule.should_sample(step)
+            if self._held and not sampled:  # no flush comes next step: the held windows go now
+                self._submit_held()
             self.schedule.tick(sampled, start, writer_busy=writer_busy)
             self.sampled = sampled
             self.step_index = step
@@ -596,6 +605,7 @@ class Introspector:
             self._flush(drain=True)
         elif self._steps_since_flush > 0:
             self._flush(counters_only=True, drain=True)
+        self._submit_held()
 
     def _device(self) -> torch.device:
         for st in self.layer_stats.values():
@@ -653,25 +663,11 @@ class Introspector:
                 if not counters_only:
                     grad.reset()
             histogram = self.hooks.histogram and not counters_only
+            window = (sts, captures, counts, extra, interval, grad_parts)
             reduced = True
             if distributed:  # collectives stay on the training thread, in the same order on every rank
-                packed, reduced = self._fold_and_pack(
-                    sts, captures, histogram, counts, extra, interval, grad_parts, device, distributed=True
-                )
-                host = self._to_host(packed)
-            else:
-                stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-
-                def fold_on_writer() -> Optional[np.ndarray]:
-                    # On the writer thread, during the next backward pass (see AsyncWriter.window): the fold's
-                    # kernels and Python leave the training thread; on CUDA on the training thread's stream.
-                    with allow_sync(), torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
-                        packed, _ = self._fold_and_pack(
-                            sts, captures, histogram, counts, extra, interval, grad_parts, device, distributed=False
-                        )
-                        return self._to_host(packed)()
-
-                host = fold_on_writer
+                packed, reduced = self._fold_and_pack([window], histogram, device, distributed=True)
+                host = self._to_host(packed.reshape(-1))
             if not counters_only:  # under DDP, the interval all ranks agreed on in the reduce
                 self._apply_interval(proposed, interval if distributed and reduced else None)
         meta = {
@@ -694,50 +690,93 @@ class Introspector:
             st.windows_seen += 1
         if not counters_only:
             self.samples_flushed += 1
-        self._submit(lambda: self._write_flush(host, meta))
+        if distributed:
+            self._submit(lambda: self._write_flush(host, meta))
+            return
+        key = (tuple(n for n, _ in layers), histogram, tuple(t.shape for t in grad_parts), device)
+        if self._held and key != self._held_key:
+            self._submit_held()
+        self._held.append((window, meta))
+        self._held_key = key
+        if counters_only or drain or len(self._held) >= FOLD_BATCH:
+            self._submit_held()
+
+    def _submit_held(self) -> None:
+        """Hands the held windows (see ``FOLD_BATCH``) to the writer thread, which folds, packs and copies them
+        to the host together (on CUDA on the training thread's stream), during the next backward pass (see
+        :meth:`AsyncWriter.window`), then writes each window's figures in order."""
+        held, self._held = self._held, []
+        if not held:
+            return
+        windows = [w for w, _ in held]
+        metas = [m for _, m in held]
+        _, histogram, _, device = self._held_key
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+        def fold_and_write() -> None:
+            with allow_sync(), torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+                packed, _ = self._fold_and_pack(windows, histogram, device, distributed=False)
+                rows = self._to_host(packed)()
+            for row, meta in zip(rows, metas):
+                self._write_flush(lambda row=row: row, meta)
+
+        self._submit(fold_and_write)
 
     def _fold_and_pack(
-        self, sts: list[LayerStats], captures: list[Any], histogram: bool, counts: Tensor, extra: Tensor,
-        interval: Tensor, grad_parts: list[Tensor], device: torch.device, *, distributed: bool,
-    ) -> tuple[Optional[Tensor], bool]:
-        """Folds one window's captures, reduces them across ranks (``distributed``), moves the dead-unit
-        streaks on and packs everything the writer reads into one float64 tensor (the block layout of
-        :meth:`_write_flush`). Streaks are only touched here, one window after another."""
+        self, windows: list[tuple], histogram: bool, device: torch.device, *, distributed: bool
+    ) -> tuple[Tensor, bool]:
+        """Folds the captures of ``windows`` (consecutive windows of the same layers, each ``(layer stats,
+        captures, counts, extra, interval, gradient parts)``), reduces them across ranks (``distributed``, one
+        window), moves the dead-unit streaks on window after window and packs everything the writer reads into
+        one float64 tensor, a row per window (the block layout of :meth:`_write_flush`). The fold's kernels and
+        their Python are paid once for all windows. Streaks are only touched here, one window after another."""
         cfg = self.config
-        units = [c.units or 0 for c in captures]
+        K = len(windows)
+        sts = windows[0][0]
+        L = len(sts)
+        units = [c.units or 0 for c in windows[0][1]]
+        U = sum(units)
         sum_parts: list[Tensor] = []
         min_parts: list[Tensor] = []
         folded: dict[str, Tensor] = {}
-        if captures:
-            folded = self._folder.fold(captures, histogram)
+        if L:
+            folded = self._folder.fold([c for w in windows for c in w[1]], histogram)  # window-major rows
             sum_parts = [folded["sums"], folded["fired"], folded["hist"]]
             min_parts = [folded["mins"]]
         reduced = True
         if distributed:
+            assert K == 1
+            _, _, counts, extra, interval, _ = windows[0]
             reduced = dist.agree(dist.FLUSH, device)
             if reduced:
                 dist.reduce_([*sum_parts, counts, extra], "sum")
                 dist.reduce_([*min_parts, interval], "min")
         out: list[Tensor] = []
-        if captures:
+        if L:
             # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it.
-            fired = folded["fired"]
+            fired = folded["fired"].view(K, U)
             streak = torch.cat([st.streak.to(device) for st in sts])  # type: ignore[union-attr]
-            streak = torch.where(fired > 0, torch.zeros_like(streak), streak + 1)
+            streaks = []
+            for k in range(K):
+                streak = torch.where(fired[k] > 0, torch.zeros_like(streak), streak + 1)
+                streaks.append(streak)
             for st, piece in zip(sts, streak.split(units)):
                 st.streak = piece
+            S = torch.stack(streaks)
             w = cfg.dead_window
             unit_layer = self._folder._index(
                 ("unit_layer", tuple(units)), lambda: [li for li, u in enumerate(units) for _ in range(u)], device
             )
-            zeros = torch.zeros(len(captures), dtype=torch.float64, device=device)
-            dead_count = zeros.index_add(0, unit_layer, (streak >= w).double())
-            windows = zeros.scatter_reduce(
-                0, unit_layer, torch.div(streak, w, rounding_mode="floor").double(), "amax", include_self=True
+            zeros = torch.zeros(K, L, dtype=torch.float64, device=device)
+            dead_count = zeros.index_add(1, unit_layer, (S >= w).double())
+            dead_windows = zeros.scatter_reduce(
+                1, unit_layer.expand(K, U), torch.div(S, w, rounding_mode="floor").double(), "amax", include_self=True
             )
-            out += [folded["sums"], folded["mins"], fired, folded["hist"], torch.stack([dead_count, windows], 1)]
-        out += [counts, extra, interval.double(), *grad_parts]
-        return torch.cat([t.reshape(-1).to(device, torch.float64) for t in out]), reduced
+            out += [folded["sums"], folded["mins"], fired, folded["hist"], torch.stack([dead_count, dead_windows], 2)]
+        out += [torch.stack([w[2] for w in windows]), torch.stack([w[3] for w in windows]),
+                torch.stack([w[4] for w in windows])]
+        out += [torch.stack(parts) for parts in zip(*(w[5] for w in windows))]
+        return torch.cat([t.reshape(K, -1).to(device, torch.float64) for t in out], 1), reduced
 
     @staticmethod
     def _windows(st: LayerStats) -> int:
@@ -1109,6 +1148,7 @@ class Introspector:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: schedule, dead-unit streaks, per-example store."""
         self._drain_samples()
+        self._submit_held()
         self.writer.drain()  # a flush folded on the writer thread moves the streaks on: let it finish
         return {
             "format": 1,

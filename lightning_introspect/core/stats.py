@@ -7,6 +7,7 @@ window and across ranks is exact and each reduction is a single all-reduce.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -341,9 +342,13 @@ class CaptureFolder:
             out["mins"].view(-1).scatter_reduce_(0, idx, vals, "amin")
         maxes = [(li, m) for li, st in enumerate(layers) for m in st.unit_max]
         if maxes:
-            offsets = [sum(units[:i]) for i in range(L)]
             key = tuple((li, m.numel()) for li, m in maxes)
-            idx = self._index(("fired", key, tuple(units)), lambda: [offsets[li] + j for li, n in key for j in range(n)], device)
+
+            def positions() -> list[int]:  # of each unit maximum in the flat firing counts (on a cache miss)
+                offsets = [0, *itertools.accumulate(units)]
+                return [offsets[li] + j for li, n in key for j in range(n)]
+
+            idx = self._index(("fired", key, tuple(units)), positions, device)
             fired = (torch.cat([m for _, m in maxes]) > self.dead_threshold).float()
             out["fired"].index_add_(0, idx, fired)
         return out

@@ -82,17 +82,38 @@ def assert_activation_stats(scalars: Scalars, layer: str, step: int, data: Tenso
 def test_dead_fraction_is_exactly_one_quarter_after_dead_window(inplace: bool, window: int) -> None:
     """Test that Linear(3,4) with bias (-10,1,1,1) has dead fraction exactly 0.25 once ``dead_window`` steps passed."""
     g = torch.Generator().manual_seed(1)
-    batches = [[unit_inputs(16, g)] for _ in range(window + 2)]
+    steps = window + 10  # windows of consecutive steps are folded FOLD_BATCH at a time: more than one batch
+    batches = [[unit_inputs(16, g)] for _ in range(steps)]
     # Named explicitly, both the Linear (pre-activation rule) and the ReLU after it are judged.
     scalars = run_forwards(
         DeadUnitNet(inplace=inplace), config(dead_window=window, layers=["linear", "relu"]), batches
     )
     for layer in ("linear", "relu"):
-        assert sorted(scalars[f"dead_fraction/{layer}"]) == list(range(window - 1, window + 2))
+        assert sorted(scalars[f"dead_fraction/{layer}"]) == list(range(window - 1, steps))
         assert set(scalars[f"dead_fraction/{layer}"].values()) == {0.25}
         assert set(scalars[f"dead_count/{layer}"].values()) == {1.0}
-    # streak of the dead unit: window, window+1, window+2 steps -> that many whole windows
-    assert scalars["dead_windows/linear"] == {s: float((s + 1) // window) for s in range(window - 1, window + 2)}
+    # streak of the dead unit after step s: s + 1 steps -> that many whole windows
+    assert scalars["dead_windows/linear"] == {s: float((s + 1) // window) for s in range(window - 1, steps)}
+
+
+def test_windows_folded_together_give_the_figures_of_windows_folded_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that every-step windows handed to the writer FOLD_BATCH at a time (one fold, one copy) give exactly
+    the figures of the same windows folded one at a time: activation statistics of two calls a step and the
+    dead-unit streaks, carried from batch to batch."""
+    import lightning_introspect.core.introspector as module
+
+    def run(batch: int) -> Scalars:
+        monkeypatch.setattr(module, "FOLD_BATCH", batch)
+        g = torch.Generator().manual_seed(3)
+        batches = [[unit_inputs(16, g), unit_inputs(5, g)] for _ in range(19)]
+        return run_forwards(DeadUnitNet(), config(dead_window=2, layers=["linear", "relu"]), batches)
+
+    batch = module.FOLD_BATCH
+    together, alone = run(batch), run(1)
+    assert batch > 1 and len(together["dead_windows/linear"]) == 18
+    assert together == alone
 
 
 def test_default_selection_judges_activation_modules_only() -> None:
@@ -348,7 +369,7 @@ def test_gradient_norms_global_per_layer_per_parameter_and_update_ratio() -> Non
                          on_scalars=lambda s, step: [out[t].__setitem__(step, v) for t, v in s.items()])
     g = torch.Generator().manual_seed(9)
     x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
-    oracles = [_train_step(intro, model, opt, step, x, y) for step in range(3)]
+    oracles = [_train_step(intro, model, opt, step, x, y) for step in range(11)]  # windows folded 8 at a time
     intro.close()
     for step, (grads, before, after) in enumerate(oracles):
         assert out["grad_norm/global"][step] == pytest.approx(
