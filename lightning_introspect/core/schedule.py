@@ -62,7 +62,12 @@ class SamplingSchedule:
       (recent steps only: the machine's speed drifts when other jobs come and go);
     * ``always_on`` = mean own time / ``base`` over plain steps: the tool's every-step work (per-example
       dynamics, including the steps that run their batched pass, and the framework adapter's hook bodies),
-      which no interval can avoid.
+      which no interval can avoid; plus the work the writer thread does outside sample cycles (the batched
+      per-example passes handed to it): a plain step that starts while it works (``tick(writer_busy=True)``)
+      is slowed by it, as the writer's Python holds the GIL, which the training thread needs even in its
+      backward pass. That share is the interquartile mean of those steps' time (own time taken off) over
+      ``base``, less one, times their share of the last 256 plain steps: a cost that the median ``base``
+      ignores when it falls on one step in sixteen.
 
     Each step of a cycle gives its extra cost ``time / base - 1 - always_on`` against the base of its time.
     The cost of one sampled step, all included, is ``excess = m(sampled) + m(after)`` (or ``m(both)``)
@@ -122,6 +127,9 @@ class SamplingSchedule:
         self._pause_above: Optional[float] = None  # a plain step longer than this is a pause
         self._plain_seen = 0
         self._own: Deque[float] = deque(maxlen=256)  # plain steps: own time (a window over many batched passes)
+        self._plain_busy: Deque[bool] = deque(maxlen=256)  # plain steps: whether the writer thread worked
+        self._busy_time: Deque[float] = deque(maxlen=self.WINDOW)  # those that started while it did: time - own
+        self._writer_busy = False  # the running plain step started while the writer thread worked
         kinds = (SAMPLED, AFTER, BOTH, TAIL)
         self._extra: dict[str, Deque[float]] = {k: deque(maxlen=self.WINDOW) for k in kinds}
         self._time: dict[str, Deque[float]] = {k: deque(maxlen=self.WINDOW) for k in kinds}  # for the pause test
@@ -200,6 +208,7 @@ class SamplingSchedule:
         else:
             self._close_cycle()
             self._kind = PLAIN
+        self._writer_busy = writer_busy
         self._since_plain = 0 if self._kind == PLAIN else self._since_plain + 1
         self._steps += 1
         self._start = now
@@ -222,6 +231,9 @@ class SamplingSchedule:
                 self._pause_above = self.GAP_FACTOR * median(self._plain_time)  # not every step: it sorts
             self._plain.append(seconds - own)
             self._own.append(own)
+            self._plain_busy.append(self._writer_busy)
+            if self._writer_busy:
+                self._busy_time.append(seconds - own)
             if len(self._plain) == self._min_plain():
                 for k, raw in self._raw.items():  # the steps measured before the base was known
                     self._extra[k].extend(self._relative(t) for t in raw)
@@ -259,7 +271,11 @@ class SamplingSchedule:
         base = self.base()
         if base is None or not self._own:
             return 0.0
-        return sum(self._own) / len(self._own) / base
+        writer = 0.0
+        if self._busy_time:
+            share = sum(self._plain_busy) / len(self._plain_busy)
+            writer = share * max(_central_mean(self._busy_time) / base - 1.0, 0.0)
+        return sum(self._own) / len(self._own) / base + writer
 
     @_replayed
     def excess(self) -> Optional[float]:
