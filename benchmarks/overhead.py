@@ -67,6 +67,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -675,8 +676,7 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
     lines = [
         "# Overhead of `Introspect` against a bare run",
         "",
-        f"Command: `python benchmarks/overhead.py{' --quick' if args.quick else ''}"
-        f"{' --device ' + args.device if args.device != 'cpu' else ''}`  ",
+        f"Command: `{' '.join(['python', 'benchmarks/overhead.py', *map(shlex.quote, sys.argv[1:])])}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
         f"jobs), torch {torch.__version__} with 1 thread, lightning {pl.__version__}, Python "
         f"{platform.python_version()}, device `{args.device}`; total {total_s:.0f} s.  ",

@@ -315,7 +315,7 @@ class Introspector:
 
     def before_backward(self) -> None:
         """Optional, right before ``loss.backward()``: lets the writer thread work while the backward pass runs
-        without the GIL (see :meth:`AsyncWriter.window`). Call :meth:`after_backward` after it."""
+        mostly in C++ (see :meth:`AsyncWriter.window`). Call :meth:`after_backward` after it."""
         self.writer.window(True)
 
     def after_backward(self) -> None:
@@ -617,9 +617,10 @@ class Introspector:
 
     def _flush(self, counters_only: bool = False, drain: bool = False) -> None:
         """Ends the pending window: takes its captures and gradient buffers and hands them to the writer
-        thread, which folds, packs and copies them to the host (during the next backward pass). Under DDP the
-        fold and its all-reduce run here, on the training thread, so that every rank issues its collectives
-        in the same order. Per-example inputs still buffered (< ``SAMPLE_BUFFER_STEPS`` steps) are drained only with ``drain``
+        thread, which folds, packs and copies them to the host (during the next backward pass); while the
+        next step is sampled too, the window is held, up to ``FOLD_BATCH`` of them (see :meth:`_submit_held`).
+        Under DDP the fold and its all-reduce run here, on the training thread, so that every rank issues its
+        collectives in the same order. Per-example inputs still buffered (< ``SAMPLE_BUFFER_STEPS`` steps) are drained only with ``drain``
         (explicit flushes, epoch ends): the flush at a step's start leaves them batched, and the bad-input
         counts they carry are read at a later flush ("up to step N"). Buffered losses are always checked."""
         step = self.step_index if counters_only else self._pending
