@@ -741,7 +741,8 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
                     f"{est} | {floor} | {aa_s} | {met} |"
                 )
         lines += ["", "'every-step floor': the schedule's measure of the work no interval avoids (per-example "
-                  "dynamics, the hook bodies); when it exceeds nine tenths of the budget the budget cannot be "
+                  "dynamics, the hook bodies; from b67b602 also the plain steps slowed by the writer's per-example "
+                  "passes); when it exceeds nine tenths of the budget the budget cannot be "
                   "held, a warning says so, and the sampled steps keep a tenth of the budget."]
     lines += ["", "Epoch end (per-example folding, `samples.npz`, data map; drained, so background work is included), "
               "once per epoch:", ""]
