@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -72,6 +72,26 @@ _GRAD_TAGS = ("grad_norm", "grad_to_weight", "update_to_weight")
 _PARAM_TAGS = ("param_grad_norm",)
 _HIST_TAGS = ("activation_hist",)
 MAX_WRITTEN_BUCKETS = 40  # histogram buckets per event (adjacent ones merged beyond)
+
+
+class _Window(NamedTuple):
+    """One flushed window, as the training thread hands it over: what the fold and the pack read."""
+
+    stats: list[LayerStats]  # the allocated layers, sorted by name
+    captures: list[Any]  # their Captures, in the same order
+    counts: Tensor  # (L + 1,) subsampled elements per layer (the last slot unused)
+    extra: Tensor  # the non-finite-loss and bad-input counters
+    interval: Tensor  # (1,) minus the proposed interval (reduced with "min" across ranks)
+    grad_parts: list[Tensor]  # squared gradient, weight and update norms (see GradNorms.take)
+
+
+class _HeldKey(NamedTuple):
+    """Windows folded together share their layers, histogram flag, gradient buffers' shapes and device."""
+
+    layers: tuple[str, ...]
+    histogram: bool
+    grad_shapes: tuple[torch.Size, ...]
+    device: torch.device
 
 
 def _timed(fn: F) -> F:
@@ -209,8 +229,8 @@ class Introspector:
         self._diagnose = 0
         self._layout_written = False
         self._tag_cache: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
-        self._held: list[tuple[tuple, dict[str, Any]]] = []  # flushed windows not yet handed to the writer
-        self._held_key: tuple = ()
+        self._held: list[tuple[_Window, dict[str, Any]]] = []  # flushed windows not yet handed to the writer
+        self._held_key: Optional[_HeldKey] = None
         self._batches_ok = 0
         self._records: Optional[dict[str, np.ndarray]] = None
         self._prev_forgets: Optional[np.ndarray] = None
@@ -620,9 +640,10 @@ class Introspector:
         thread, which folds, packs and copies them to the host (during the next backward pass); while the
         next step is sampled too, the window is held, up to ``FOLD_BATCH`` of them (see :meth:`_submit_held`).
         Under DDP the fold and its all-reduce run here, on the training thread, so that every rank issues its
-        collectives in the same order. Per-example inputs still buffered (< ``SAMPLE_BUFFER_STEPS`` steps) are drained only with ``drain``
-        (explicit flushes, epoch ends): the flush at a step's start leaves them batched, and the bad-input
-        counts they carry are read at a later flush ("up to step N"). Buffered losses are always checked."""
+        collectives in the same order. Per-example inputs still buffered (< ``SAMPLE_BUFFER_STEPS`` steps) are
+        drained only with ``drain`` (explicit flushes, epoch ends): the flush at a step's start leaves them
+        batched, and the bad-input counts they carry are read at a later flush ("up to step N"). Buffered
+        losses are always checked."""
         step = self.step_index if counters_only else self._pending
         assert step is not None
         if drain:
@@ -664,7 +685,7 @@ class Introspector:
                 if not counters_only:
                     grad.reset()
             histogram = self.hooks.histogram and not counters_only
-            window = (sts, captures, counts, extra, interval, grad_parts)
+            window = _Window(sts, captures, counts, extra, interval, grad_parts)
             reduced = True
             if distributed:  # collectives stay on the training thread, in the same order on every rank
                 packed, reduced = self._fold_and_pack([window], histogram, device, distributed=True)
@@ -694,7 +715,7 @@ class Introspector:
         if distributed:
             self._submit(lambda: self._write_flush(host, meta))
             return
-        key = (tuple(n for n, _ in layers), histogram, tuple(t.shape for t in grad_parts), device)
+        key = _HeldKey(tuple(n for n, _ in layers), histogram, tuple(t.shape for t in grad_parts), device)
         if self._held and key != self._held_key:
             self._submit_held()
         self._held.append((window, meta))
@@ -711,7 +732,8 @@ class Introspector:
             return
         windows = [w for w, _ in held]
         metas = [m for _, m in held]
-        _, histogram, _, device = self._held_key
+        assert self._held_key is not None
+        histogram, device = self._held_key.histogram, self._held_key.device
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
         def fold_and_write() -> None:
@@ -724,42 +746,42 @@ class Introspector:
         self._submit(fold_and_write)
 
     def _fold_and_pack(
-        self, windows: list[tuple], histogram: bool, device: torch.device, *, distributed: bool
+        self, windows: list[_Window], histogram: bool, device: torch.device, *, distributed: bool
     ) -> tuple[Tensor, bool]:
-        """Folds the captures of ``windows`` (consecutive windows of the same layers, each ``(layer stats,
-        captures, counts, extra, interval, gradient parts)``), reduces them across ranks (``distributed``, one
-        window), moves the dead-unit streaks on window after window and packs everything the writer reads into
+        """Folds the captures of ``windows`` (consecutive windows of the same layers), reduces them across
+        ranks (``distributed``, one window), moves the dead-unit streaks on window after window and packs everything the writer reads into
         one float64 tensor, a row per window (the block layout of :meth:`_write_flush`). The fold's kernels and
         their Python are paid once for all windows. Streaks are only touched here, one window after another."""
         cfg = self.config
         K = len(windows)
-        sts = windows[0][0]
+        sts = windows[0].stats
         L = len(sts)
-        units = [c.units or 0 for c in windows[0][1]]
+        units = [c.units or 0 for c in windows[0].captures]
         U = sum(units)
         sum_parts: list[Tensor] = []
         min_parts: list[Tensor] = []
         folded: dict[str, Tensor] = {}
         if L:
-            folded = self._folder.fold([c for w in windows for c in w[1]], histogram)  # window-major rows
+            folded = self._folder.fold([c for w in windows for c in w.captures], histogram)  # window-major rows
             sum_parts = [folded["sums"], folded["fired"], folded["hist"]]
             min_parts = [folded["mins"]]
         reduced = True
         if distributed:
             assert K == 1
-            _, _, counts, extra, interval, _ = windows[0]
+            (window,) = windows
             reduced = dist.agree(dist.FLUSH, device)
             if reduced:
-                dist.reduce_([*sum_parts, counts, extra], "sum")
-                dist.reduce_([*min_parts, interval], "min")
+                dist.reduce_([*sum_parts, window.counts, window.extra], "sum")
+                dist.reduce_([*min_parts, window.interval], "min")
         out: list[Tensor] = []
         if L:
             # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it.
             fired = folded["fired"].view(K, U)
             streak = torch.cat([st.streak.to(device) for st in sts])  # type: ignore[union-attr]
+            zero = streak.new_zeros(())
             streaks = []
             for k in range(K):
-                streak = torch.where(fired[k] > 0, torch.zeros_like(streak), streak + 1)
+                streak = torch.where(fired[k] > 0, zero, streak + 1)
                 streaks.append(streak)
             for st, piece in zip(sts, streak.split(units)):
                 st.streak = piece
@@ -774,9 +796,9 @@ class Introspector:
                 1, unit_layer.expand(K, U), torch.div(S, w, rounding_mode="floor").double(), "amax", include_self=True
             )
             out += [folded["sums"], folded["mins"], fired, folded["hist"], torch.stack([dead_count, dead_windows], 2)]
-        out += [torch.stack([w[2] for w in windows]), torch.stack([w[3] for w in windows]),
-                torch.stack([w[4] for w in windows])]
-        out += [torch.stack(parts) for parts in zip(*(w[5] for w in windows))]
+        out += [torch.stack([w.counts for w in windows]), torch.stack([w.extra for w in windows]),
+                torch.stack([w.interval for w in windows])]
+        out += [torch.stack(parts) for parts in zip(*(w.grad_parts for w in windows))]
         return torch.cat([t.reshape(K, -1).to(device, torch.float64) for t in out], 1), reduced
 
     @staticmethod
@@ -836,7 +858,8 @@ class Introspector:
                     mean = s1 / c
                     std = np.where(np.isfinite(mean), np.sqrt(np.maximum(s2 / c - mean * mean, 0.0)), np.nan)
                     values = np.stack([mean, std, mins[live, 0], -mins[live, 1], zeros / c, nonfinite], 1)
-                scalars.update(zip([t for n in names for t in self._tags(n, _ACTIVATION_TAGS)], values.ravel().tolist()))
+                tags = [t for n in names for t in self._tags(n, _ACTIVATION_TAGS)]
+                scalars.update(zip(tags, values.ravel().tolist()))
                 bad = (nonfinite > 0) | ~np.isfinite(values[:, [0, 2, 3]]).all(1)
                 nonfinite_layers = [n for n, b in zip(names, bad.tolist()) if b]
             if cfg.dead_units:
@@ -886,8 +909,8 @@ class Introspector:
             sink.add_scalars(scalars, step)
             if meta["histogram"] and cfg.histograms:
                 if raw is None:
-                    raw = [(self._tags(layer[0], _HIST_TAGS)[0], h)
-                           for layer, h in zip(meta["layers"], _hist_proto_args(hist, mins, sums, counts)) if h is not None]
+                    args = _hist_proto_args(hist, mins, sums, counts)
+                    raw = [(self._tags(layer[0], _HIST_TAGS)[0], h) for layer, h in zip(meta["layers"], args) if h]
                 if hasattr(sink, "add_histograms_raw"):
                     sink.add_histograms_raw(raw, step)
                 else:

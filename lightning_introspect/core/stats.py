@@ -128,8 +128,8 @@ class LayerStats:
     non-finite value is never missed), and copies a strided subsample of at most ``max_stat_elements``
     values for the mean, standard deviation, fraction of zeros, non-finite count and histogram: past a few
     thousand values more elements change these figures less than the step-to-step noise, and a sampled
-    step's cost stays bounded whatever the layer's size. At the flush, :class:`CaptureFolder` folds the captures of all
-    layers at once, in a fixed number of kernels.
+    step's cost stays bounded whatever the layer's size. At the flush, :class:`CaptureFolder` folds the
+    captures of all layers at once, in a fixed number of kernels.
 
     ``update`` = capture + fold into this layer's own buffers (``sums`` = [sum, sum of squares, zeros,
     non-finite], ``mins`` = [min, -max], ``fired`` = per unit, in how many calls it exceeded the threshold,
