@@ -5,6 +5,7 @@ Imported by the tests as ``helpers.robust_common`` and by the subprocess scripts
 """
 from __future__ import annotations
 
+import atexit
 import json
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -161,6 +162,12 @@ class RankReport(pl.Callback):
         self.out = out
         self.batches: list[list[int]] = []
 
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # In each worker: Lightning destroys only an NCCL process group at exit. A gloo group left alive until
+        # the interpreter's teardown occasionally aborted a ddp_spawn worker after `fit` had finished
+        # ("terminate called without an active exception", SIGABRT): destroy it first, as Lightning does NCCL's.
+        atexit.register(_destroy_process_group)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.batches.append(batch[-1].tolist())
 
@@ -169,6 +176,11 @@ class RankReport(pl.Callback):
         info = {"rank": trainer.global_rank, "world": trainer.world_size, "is_writer": core.is_writer,
                 "sinks": len(core.sinks), "batches": self.batches, "records_in_memory": {k: v.tolist() for k, v in core.records().items()}}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(info))
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def fit_ddp(out: Path, strategy: str, *, n: int, batch: int, epochs: int) -> None:
