@@ -56,6 +56,38 @@ def test_a_closed_window_delays_a_job_at_most_the_wait_and_drain_does_not_wait()
     assert time.monotonic() - t0 < 1
 
 
+def test_drain_waits_for_a_running_job_and_an_idle_drain_leaves_the_window_shut() -> None:
+    """Test that drain returns only once a running job has finished, and that a drain with nothing queued or
+    running (the common case at a checkpoint or an epoch end) makes no round trip through the writer thread: it
+    leaves a gated writer's window shut, so that the next job still waits for a backward pass, and still
+    emits the warnings that finished jobs left."""
+    w = AsyncWriter()
+    started, release = threading.Event(), threading.Event()
+    finished: list[int] = []
+
+    def job() -> None:
+        started.set()
+        release.wait(5)
+        finished.append(1)
+
+    w.submit(job)
+    assert started.wait(5)
+    threading.Timer(0.2, release.set).start()
+    w.drain()
+    assert finished == [1]
+
+    w.window(False)
+    w.MAX_WINDOW_WAIT_S = 0.05
+    w.submit(lambda: w.alert("disk full", RuntimeWarning))
+    deadline = time.monotonic() + 5
+    while w.busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        w.drain()
+    assert not w._open.is_set() and not w._is_open
+    w.close()
+
+
 def test_busy_while_a_job_is_queued_or_running_and_not_after() -> None:
     """Test that ``busy`` (which the overhead budget reads at each step start) is true from submit until the
     job has finished, including a job that failed, and false once closed."""
