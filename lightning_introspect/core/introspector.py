@@ -749,8 +749,9 @@ class Introspector:
         self, windows: list[_Window], histogram: bool, device: torch.device, *, distributed: bool
     ) -> tuple[Tensor, bool]:
         """Folds the captures of ``windows`` (consecutive windows of the same layers), reduces them across
-        ranks (``distributed``, one window), moves the dead-unit streaks on window after window and packs everything the writer reads into
-        one float64 tensor, a row per window (the block layout of :meth:`_write_flush`). The fold's kernels and
+        ranks (``distributed``, one window), moves the dead-unit streaks on window after window and packs
+        everything the writer reads into one float64 tensor, a row per window (the block layout of
+        :meth:`_write_flush`). The fold's kernels and
         their Python are paid once for all windows. Streaks are only touched here, one window after another."""
         cfg = self.config
         K = len(windows)
@@ -910,7 +911,8 @@ class Introspector:
             if meta["histogram"] and cfg.histograms:
                 if raw is None:
                     args = _hist_proto_args(hist, mins, sums, counts)
-                    raw = [(self._tags(layer[0], _HIST_TAGS)[0], h) for layer, h in zip(meta["layers"], args) if h]
+                    raw = [(self._tags(layer[0], _HIST_TAGS)[0], h) for layer, h in zip(meta["layers"], args)
+                           if h is not None]
                 if hasattr(sink, "add_histograms_raw"):
                     sink.add_histograms_raw(raw, step)
                 else:
