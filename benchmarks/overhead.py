@@ -51,7 +51,7 @@ quarter of the run. Also given: the time spent inside the callback
 (wall time of the forwarded calls) and inside forward hooks (forward time of sampled steps minus the median
 forward time of unsampled ones) as a share of the configuration's step time. Epoch ends (per-example
 folding, records and the data map, written by the background thread) are drained and timed separately,
-once per epoch. Peak memory: bare and defaults each train one epoch in a fresh subprocess, which makes
+once per epoch; their mean is given (the data map is redrawn at some epoch ends only). Peak memory: bare and defaults each train one epoch in a fresh subprocess, which makes
 the data set and the model first, hands freed heap pages back (``malloc_trim``: else the start state, and
 the rise from it, vary by up to 100 MB between processes), resets its peak RSS (``/proc/self/clear_refs``),
 then imports and builds the callback and trains; it reports the rise of ``VmHWM`` (peak RSS,
@@ -595,7 +595,9 @@ def time_workload(key: str, configs: list[str], steps_per_config: int, block: in
         rows[c] = row
     return {"key": key, "name": workload.name, "off_ms": statistics.median(s.seconds for s in off) * 1e3,
             "rows": rows, "wall_s": wall, "block": block,
-            "epoch_end_ms": statistics.median(switch.epoch_end_s) * 1e3 if switch.epoch_end_s else None,
+            "epoch_end_ms": statistics.mean(switch.epoch_end_s) * 1e3 if switch.epoch_end_s else None,
+            "epoch_end_max_ms": max(switch.epoch_end_s) * 1e3 if switch.epoch_end_s else None,
+            "epoch_ends": len(switch.epoch_end_s),
             "steps_per_epoch": steps_per_epoch}
 
 
@@ -744,13 +746,16 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
                   "dynamics, the hook bodies; from b67b602 also the plain steps slowed by the writer's per-example "
                   "passes); when it exceeds nine tenths of the budget the budget cannot be "
                   "held, a warning says so, and the sampled steps keep a tenth of the budget."]
-    lines += ["", "Epoch end (per-example folding, `samples.npz`, data map; drained, so background work is included), "
-              "once per epoch:", ""]
+    lines += ["", "Epoch end (per-example folding, `samples.npz`, and the data map when it is redrawn: at most "
+              "1 % of the wall time; drained, so background work is included: a redraw on the writer thread "
+              "stalls training about as long as it takes, since matplotlib holds the GIL), the mean over "
+              "the epoch ends of the defaults and the longest:", ""]
     for res in results:
         if res["epoch_end_ms"] is not None:
             epoch_ms = res["off_ms"] * res["steps_per_epoch"]
             lines.append(f"- {res['name']}: {res['epoch_end_ms']:.0f} ms per epoch end = "
-                         f"{_pct(res['epoch_end_ms'] / epoch_ms)} of a {res['steps_per_epoch']}-step epoch")
+                         f"{_pct(res['epoch_end_ms'] / epoch_ms)} of a {res['steps_per_epoch']}-step epoch "
+                         f"(longest {res['epoch_end_max_ms']:.0f} ms, {res['epoch_ends']} epoch ends)")
     if memory:
         lines += ["", f"Peak memory: rise of peak RSS (VmHWM) from after the data set and the model are made "
                   f"and freed heap pages are handed back (`malloc_trim`, in bare and defaults alike) to the end of "

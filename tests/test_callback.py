@@ -76,6 +76,21 @@ def test_both_lightning_packages(tmp_path: Path, package: str) -> None:
     assert {"samples.npz", "samples.json", "suspects.csv"} <= {p.name for p in records_dir.iterdir()}
     assert cb.mislabeled().ids.shape == (64,)
 
+def test_data_map_redraws_are_rationed_and_the_last_epoch_is_always_drawn(tmp_path: Path) -> None:
+    """Test that the data map and the suspects table, which stall training while matplotlib draws them, are
+    not redrawn at every epoch end of a run whose epochs take a few milliseconds (only while the redraws stay
+    within their share of the wall time), that the first epoch's is drawn, and that the last epoch's is drawn
+    at close, with its flagged fraction."""
+    cb = Introspect(every_n_steps=4, warmup_steps=0)
+    tr = fit("lightning.pytorch", tmp_path, cb, max_epochs=6)
+    assert tr.global_step == 48
+    ev = read_events(tmp_path / "version_0")
+    assert ev.steps("samples/learned_fraction") == [8, 16, 24, 32, 40, 48]
+    drawn = [step for step, _ in ev.images["samples/data_map"]]
+    assert drawn[0] == 8 and drawn[-1] == 48 and len(drawn) < 6, drawn
+    assert [step for step, _ in ev.texts["samples/suspects"]] == drawn
+    assert ev.steps("samples/flagged_fraction") == drawn
+
 
 # ------------------------------------------------------------------------------------------------ tag table
 def test_documented_tags_match_a_full_run(tmp_path: Path) -> None:

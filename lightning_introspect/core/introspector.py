@@ -57,7 +57,12 @@ DIAGNOSE_STEPS = 3
 # (the first call into either, after the forward and backward passes, runs with cold caches).
 SAMPLE_BUFFER_STEPS = 16
 MAX_BUFFERED_LOGITS = 1 << 18  # larger (N, C) logits are reduced to per-example figures at once
-EXTRAS_DUTY = 0.05
+# The epoch-end data map and suspects table (matplotlib: about 180 ms for 12,800 examples on this CPU) are
+# redrawn only while they take at most EXTRAS_DUTY of the wall time since the last redraw. They run on the
+# writer thread, but that does not hide them: matplotlib is Python that holds the GIL, and a training step that
+# runs beside a redraw takes 4-5x as long (measured on the CNN benchmark: 45-56 ms instead of 11), so a redraw
+# costs training about its own duration. The last epoch's picture is always drawn, at close.
+EXTRAS_DUTY = 0.01
 # Windows of consecutive sampled steps (every step sampled: dense warm-up, every_n_steps=1) are handed to the
 # writer thread this many at a time, for one fold, one pack and one host copy. The writer's Python holds the
 # GIL, and the training thread waits for it even in its backward pass; a fold's Python costs about as much
@@ -1075,8 +1080,8 @@ class Introspector:
             scalars["samples/forgotten_fraction"] = float((forgets > 0).sum() / n_seen)
         self._prev_forgets = forgets
         suspects = None
-        # The data map and the suspects table cost real time on large sets or tiny epochs: they are refreshed
-        # only while they take at most EXTRAS_DUTY of the wall time since the previous refresh.
+        # The data map and the suspects table stall training while they are drawn (see EXTRAS_DUTY): they are
+        # refreshed only while they take at most EXTRAS_DUTY of the wall time since the previous refresh.
         t0 = time.monotonic()
         extras = t0 - self._extras_done >= self._extras_cost / EXTRAS_DUTY
         suspects = self._suspects_for(records, meta) if extras else None
