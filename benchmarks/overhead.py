@@ -1,6 +1,6 @@
 """Step-time and memory overhead of ``Introspect`` against a bare run, in one process, through a real Trainer.
 
-Run (about 50 minutes on a shared 2-core CPU, five budget runs included; ``--quick`` about 3)::
+Run (about 35 minutes on a shared 2-core CPU, five budget runs included; ``--quick`` about 3)::
 
     python benchmarks/overhead.py                  # all workloads and configurations, markdown on stdout
     python benchmarks/overhead.py --quick          # 4 configurations, a quarter of the steps: a smoke check
@@ -93,7 +93,9 @@ from memory import proc_status, reset_peak, trim_heap  # noqa: E402  (benchmarks
 NUM_CLASSES = 10
 BLOCK = 50  # the default every_n_steps; an epoch is 4 * BLOCK steps
 STEP_BLOCK = 10  # steps per on/off block: short, so that on and off see the same load from other jobs
-STEPS = {"mlp": 500, "cnn": 200, "transformer": 200}  # on steps per configuration (as many bare ones)
+# On steps per configuration (as many bare ones): at least 8 sampled steps at the default interval of 50 (with
+# 200 the CNN's and the Transformer's defaults had 3 after their warm-up block, one per quarter of the run).
+STEPS = {"mlp": 500, "cnn": 400, "transformer": 400}
 BUDGET_STEPS = {"mlp": 1000, "cnn": 700, "transformer": 500}  # the budget runs: many sampled steps after warm-up
 BUDGET_REPEATS = 5  # separate budget runs: the figure is their median (a single run scatters by up to 3 points)
 
