@@ -51,9 +51,10 @@ quarter of the run. Also given: the time spent inside the callback
 (wall time of the forwarded calls) and inside forward hooks (forward time of sampled steps minus the median
 forward time of unsampled ones) as a share of the configuration's step time. Epoch ends (per-example
 folding, records and the data map, written by the background thread) are drained and timed separately,
-once per epoch; their mean is given (the data map is redrawn at some epoch ends only). Peak memory: bare and defaults each train one epoch in a fresh subprocess, which makes
-the data set and the model first, hands freed heap pages back (``malloc_trim``: else the start state, and
-the rise from it, vary by up to 100 MB between processes), resets its peak RSS (``/proc/self/clear_refs``),
+once per epoch; their mean is given (the data map is redrawn at some epoch ends only). Peak memory: bare
+and defaults each train one epoch in a fresh subprocess, which makes the data set and the model first,
+hands freed heap pages back (``malloc_trim``: else the start state, and the rise from it, vary by up to
+100 MB between processes), resets its peak RSS (``/proc/self/clear_refs``),
 then imports and builds the callback and trains; it reports the rise of ``VmHWM`` (peak RSS,
 ``/proc/self/status``) at the end of training and after ``fit``. Budget mode: the achieved slowdown is the
 pooled ratio over the steps after the first third of its run; the interval is the one the schedule chose by

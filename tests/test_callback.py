@@ -76,6 +76,7 @@ def test_both_lightning_packages(tmp_path: Path, package: str) -> None:
     assert {"samples.npz", "samples.json", "suspects.csv"} <= {p.name for p in records_dir.iterdir()}
     assert cb.mislabeled().ids.shape == (64,)
 
+
 def test_data_map_redraws_are_rationed_and_the_last_epoch_is_always_drawn(tmp_path: Path) -> None:
     """Test that the data map and the suspects table, which stall training while matplotlib draws them, are
     not redrawn at every epoch end of a run whose epochs take a few milliseconds (only while the redraws stay
