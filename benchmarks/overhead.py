@@ -598,10 +598,7 @@ def time_workload(key: str, configs: list[str], steps_per_config: int, block: in
         rows[c] = row
     return {"key": key, "name": workload.name, "off_ms": statistics.median(s.seconds for s in off) * 1e3,
             "rows": rows, "wall_s": wall, "block": block,
-            "epoch_end_ms": statistics.mean(switch.epoch_end_s) * 1e3 if switch.epoch_end_s else None,
-            "epoch_end_max_ms": max(switch.epoch_end_s) * 1e3 if switch.epoch_end_s else None,
-            "epoch_ends": len(switch.epoch_end_s),
-            "steps_per_epoch": steps_per_epoch}
+            "epoch_ends_ms": [t * 1e3 for t in switch.epoch_end_s], "steps_per_epoch": steps_per_epoch}
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -749,16 +746,18 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
                   "dynamics, the hook bodies; from b67b602 also the plain steps slowed by the writer's per-example "
                   "passes); when it exceeds nine tenths of the budget the budget cannot be "
                   "held, a warning says so, and the sampled steps keep a tenth of the budget."]
+    from lightning_introspect.core.introspector import EXTRAS_DUTY
+
     lines += ["", "Epoch end (per-example folding, `samples.npz`, and the data map when it is redrawn: at most "
-              "1 % of the wall time; drained, so background work is included: a redraw on the writer thread "
+              f"{_pct(EXTRAS_DUTY)} of the wall time; drained, so background work is included: a redraw on the writer thread "
               "stalls training about as long as it takes, since matplotlib holds the GIL), the mean over "
               "the epoch ends of the defaults and the longest:", ""]
     for res in results:
-        if res["epoch_end_ms"] is not None:
-            epoch_ms = res["off_ms"] * res["steps_per_epoch"]
-            lines.append(f"- {res['name']}: {res['epoch_end_ms']:.0f} ms per epoch end = "
-                         f"{_pct(res['epoch_end_ms'] / epoch_ms)} of a {res['steps_per_epoch']}-step epoch "
-                         f"(longest {res['epoch_end_max_ms']:.0f} ms, {res['epoch_ends']} epoch ends)")
+        ends = res["epoch_ends_ms"]
+        if ends:
+            mean, epoch_ms = statistics.mean(ends), res["off_ms"] * res["steps_per_epoch"]
+            lines.append(f"- {res['name']}: {mean:.0f} ms per epoch end = {_pct(mean / epoch_ms)} of a "
+                         f"{res['steps_per_epoch']}-step epoch (longest {max(ends):.0f} ms, {len(ends)} epoch ends)")
     if memory:
         lines += ["", f"Peak memory: rise of peak RSS (VmHWM) from after the data set and the model are made "
                   f"and freed heap pages are handed back (`malloc_trim`, in bare and defaults alike) to the end of "
@@ -825,7 +824,7 @@ def main() -> None:
             if main_configs:
                 res = time_workload(key, main_configs, n, STEP_BLOCK, args.device, root)
             else:
-                res = {**budget_runs[0], "rows": {}, "epoch_end_ms": None}
+                res = {**budget_runs[0], "rows": {}, "epoch_ends_ms": []}
             res["steps_per_config"] = n
             res["budget_runs"] = budget_runs
             print(f"[{key}] {res['wall_s']:.0f} s, bare {res['off_ms']:.1f} ms/step", file=sys.stderr, flush=True)

@@ -59,9 +59,9 @@ SAMPLE_BUFFER_STEPS = 16
 MAX_BUFFERED_LOGITS = 1 << 18  # larger (N, C) logits are reduced to per-example figures at once
 # The epoch-end data map and suspects table (matplotlib: about 180 ms for 12,800 examples on this CPU) are
 # redrawn only while they take at most EXTRAS_DUTY of the wall time since the last redraw. They run on the
-# writer thread, but that does not hide them: matplotlib is Python that holds the GIL, and a training step that
-# runs beside a redraw takes 4-5x as long (measured with the CNN benchmark's model: 45-56 ms instead of 11), so a redraw
-# costs training about its own duration. The last epoch's picture is always drawn, at close.
+# writer thread, but that does not hide them: matplotlib is Python that holds the GIL, and a training step
+# beside a redraw takes 4-5x as long (the CNN benchmark's model: 45-56 ms instead of 11), so a redraw costs
+# training about its own duration. The last epoch's picture is always drawn, at close.
 EXTRAS_DUTY = 0.01
 # Windows of consecutive sampled steps (every step sampled: dense warm-up, every_n_steps=1) are handed to the
 # writer thread this many at a time, for one fold, one pack and one host copy. The writer's Python holds the
