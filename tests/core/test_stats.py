@@ -245,6 +245,33 @@ def test_layer_stats_streamed_equal_one_shot(unit_dim: int, dead: bool) -> None:
     torch.testing.assert_close(st.hist, one_shot, rtol=0, atol=0)
 
 
+def test_a_fold_in_chunks_gives_the_figures_of_one_fold_of_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that folding the captures in chunks (bounded temporaries) gives the figures of one fold over all of
+    them: sums to rounding, minima, firing and bucket counts exactly, with layers of two capture sizes."""
+    import lightning_introspect.core.stats as module
+    from lightning_introspect.core.stats import CaptureFolder
+
+    g = torch.Generator().manual_seed(9)
+    layers = []
+    for i in range(7):  # 4 layers captured at max_stat_elements, 3 smaller ones; 3 calls each
+        st = LayerStats(f"l{i}", unit_dim=1, dead_threshold=0.0, zero_threshold=0.0)
+        shape = (16, 8, 6, 6) if i < 4 else (16, 5)
+        for _ in range(3):
+            assert st.capture(torch.randn(*shape, generator=g).relu_() - 0.1, moments=True, dead=True,
+                              max_stat_elements=1024)
+        layers.append(st.take_captures())
+
+    def fold(chunk_elements: int) -> dict[str, Tensor]:
+        monkeypatch.setattr(module, "FOLD_CHUNK_ELEMENTS", chunk_elements)
+        return CaptureFolder(0.0, 0.0, max_hist_elements=512).fold(layers, histogram=True)
+
+    chunked, whole = fold(2000), fold(1 << 30)  # 2000: one or two captures a chunk
+    torch.testing.assert_close(chunked["sums"], whole["sums"], rtol=1e-12, atol=1e-9)
+    for key in ("mins", "fired", "hist"):
+        torch.testing.assert_close(chunked[key], whole[key], rtol=0, atol=0)
+    assert whole["hist"].sum().item() == 4 * 3 * 512 + 3 * 3 * 80  # each capture: its subsample, or all of it
+
+
 def test_two_accumulators_fed_halves_equal_one_fed_everything() -> None:
     """Test that merging (sum/min) the states of two LayerStats fed halves equals one LayerStats fed all."""
     g = torch.Generator().manual_seed(7)
