@@ -22,6 +22,7 @@ def run(
     seconds: Callable[[str, int], float],
     *,
     own: float = 0.0,
+    untimed: float = 0.0,
     use_end: bool = True,
     pause_every: int = 0,
     pause_s: float = 5.0,
@@ -33,7 +34,8 @@ def run(
     proposed interval adopted when the step after a sampled one flushes it. ``seconds(kind, step)`` gives a
     step's time, ``kind`` in {"sampled", "after", "tail", "plain"}: "tail" are the ``busy_steps`` steps after
     the flushing one, which start while the writer thread still works on the flush (``tick(writer_busy=...)``,
-    unless ``tell_busy`` is False). ``own`` of a plain step's time is the tool's every-step work. Every
+    unless ``tell_busy`` is False). ``own`` of a plain step's time is the tool's every-step work, as its timers
+    report it; ``untimed`` more is its cost that they miss (in every step's time, reported nowhere). Every
     ``background_every``-th step, when plain, starts while the writer thread works on something else than a
     sample (a per-example pass): told so, it is of kind "background".
     Returns the interval after each step and the total time of the steps with and without the tool."""
@@ -51,7 +53,7 @@ def run(
         dt = seconds(kind, step)
         now += dt
         with_tool += dt
-        bare += PLAIN_S - own
+        bare += PLAIN_S - own - untimed
         if use_end:
             s.end(now=now, own_seconds=own if kind in ("plain", "background") else None)
         now += 0.001  # loading the next batch
@@ -166,20 +168,39 @@ def test_writer_that_never_rests_makes_room_for_plain_steps() -> None:
 
 
 def test_always_on_cost_is_taken_off_the_budget() -> None:
-    """Test that 0.2 ms of the tool's own work in each 10 ms plain step (2 %) leaves 3 % for sampling, and
-    that the expected slowdown matches the simulated one."""
+    """Test that 0.1 ms of the tool's own work in each 10 ms plain step, and as much again that its timers
+    miss (2 % in all), leaves 3 % for sampling, and that the expected slowdown matches the simulated one."""
     s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
-    history, with_tool, bare = run(s, 3000, doubled, own=0.0002)
-    assert s.always_on() == pytest.approx(0.0002 / 0.0098, rel=1e-6)
-    target = (0.0102 / 0.0098) / (0.05 - 0.0002 / 0.0098)  # excess over 2.96 % of room: 35.2 steps
+    history, with_tool, bare = run(s, 3000, doubled, own=0.0001, untimed=0.0001)
+    assert s.always_on() == pytest.approx(2 * 0.0001 / 0.0099, rel=1e-6)
+    # a sampled step: 20 ms over the 9.9 ms base, less the measured every-step work
+    target = (0.020 / 0.0099 - 1 - 0.0001 / 0.0099) / (0.05 - 0.0002 / 0.0099)  # over 2.98 % of room: 34 steps
     assert abs(history[-1] - target) <= SamplingSchedule.DEADBAND * target
     assert not s.budget_unreachable
     expected = s.expected_overhead()
     assert expected is not None and abs(expected - 0.05) < 0.002
     # the simulated run's own slowdown over its last 1000 steps (steady state)
     s2 = SamplingSchedule(every_n_steps=history[-1], warmup_steps=0)
-    _, tool_s, bare_s = run(s2, 1000, doubled, own=0.0002)
+    _, tool_s, bare_s = run(s2, 1000, doubled, own=0.0001, untimed=0.0001)
     assert tool_s / bare_s - 1 == pytest.approx(expected, abs=0.003)
+
+
+def test_untimed_cost_of_the_every_step_work_is_charged() -> None:
+    """Test that every-step work costing twice what its timers report (0.2 ms timed, 0.2 ms untimed in each
+    10 ms step, as measured on the benchmark's workloads) still holds a 5 % budget in the simulated run,
+    while a schedule that trusts its timers alone (``UNTIMED_PER_OWN = 0``) overshoots it by the untimed
+    2 %: nothing measured shows that cost, as the base is taken on steps that carry it."""
+    achieved = {}
+    for factor in (SamplingSchedule.UNTIMED_PER_OWN, 0.0):
+        s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
+        s.UNTIMED_PER_OWN = factor
+        history, _, _ = run(s, 3000, doubled, own=0.0002, untimed=0.0002)
+        s2 = SamplingSchedule(every_n_steps=history[-1], warmup_steps=0)
+        _, tool_s, bare_s = run(s2, 1000, doubled, own=0.0002, untimed=0.0002)
+        achieved[factor] = tool_s / bare_s - 1
+    assert SamplingSchedule.UNTIMED_PER_OWN == 1.0
+    assert achieved[1.0] == pytest.approx(0.05, abs=0.004)
+    assert achieved[0.0] > 0.065
 
 
 def test_writer_work_outside_samples_is_taken_off_the_budget() -> None:
@@ -204,11 +225,11 @@ def test_writer_work_outside_samples_is_taken_off_the_budget() -> None:
 
 
 def test_every_step_cost_near_the_budget_leaves_sampling_the_rest() -> None:
-    """Test that every-step work at 83 % of the budget (past the old three-quarter cut) still lets the budget
-    be held: the sampled steps get the remaining 17 % and the expected slowdown is the budget."""
+    """Test that every-step work at 82 % of the budget (past the old three-quarter cut) still lets the budget
+    be held: the sampled steps get the remaining 18 % and the expected slowdown is the budget."""
     s = SamplingSchedule(every_n_steps=50, warmup_steps=5, overhead_budget=0.05)
-    history, _, _ = run(s, 4000, doubled, own=0.0004)  # 0.4 ms of 9.6 ms: 4.17 % every step
-    assert s.always_on() == pytest.approx(0.0004 / 0.0096, rel=1e-6)
+    history, _, _ = run(s, 4000, doubled, own=0.0002, untimed=0.0002)  # 0.2 ms timed of a 9.8 ms base, twice
+    assert s.always_on() == pytest.approx(2 * 0.0002 / 0.0098, rel=1e-6)
     assert not s.budget_unreachable
     expected = s.expected_overhead()
     assert expected is not None and abs(expected - 0.05) < 0.001
@@ -220,10 +241,10 @@ def test_a_costly_first_batched_pass_is_not_judged_out_of_reach() -> None:
     """Test that one plain step with 12 ms of the tool's own work early on (the first per-example batched
     pass runs its kernels for the first time) makes the every-step cost look above nine tenths of a 5 %
     budget for a while, yet the budget is not judged out of reach before ``VERDICT_PLAIN`` plain steps, by
-    which time the estimate has come back down (0.1 ms a step: 1 %)."""
+    which time the estimate has come back down (0.1 ms a step: 1 %, 2 % with its untimed cost)."""
     s = SamplingSchedule(every_n_steps=50, warmup_steps=0, overhead_budget=0.05)
     now, seen = 100.0, []
-    for step in range(200):
+    for step in range(400):  # the costly step leaves the 256 plain steps the every-step cost is measured over
         sampled = s.should_sample(step)
         s.tick(sampled, now=now)
         own = 0.012 if step == 8 else 0.0001
@@ -233,7 +254,7 @@ def test_a_costly_first_batched_pass_is_not_judged_out_of_reach() -> None:
         seen.append((s.always_on(), s.budget_unreachable))
     assert max(floor for floor, _ in seen) > 0.9 * 0.05  # the first impression
     assert not any(unreachable for _, unreachable in seen)
-    assert s.always_on() < 0.02
+    assert s.always_on() < 0.025
 
 
 def test_budget_below_the_every_step_cost() -> None:
@@ -359,7 +380,7 @@ def test_introspector_feeds_the_schedule_and_warns_below_the_floor() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(100):  # more than VERDICT_PLAIN plain steps: the warning is not a first impression
+        for step in range(200):  # more than VERDICT_PLAIN plain steps: the warning is not a first impression
             ids = torch.arange(16) + 16 * (step % 4)
             with intro.step(step):
                 logits = model(x[ids])
