@@ -75,8 +75,11 @@ class SamplingSchedule:
       twice its own time: own time 0.9 / 0.5 / 0.2 % of a step (MLP / CNN / Transformer), plain steps
       1.4-1.8 / 1.0-1.3 / 0.5 % slower than bare. A ``base`` measured on the tool's plain steps holds that
       untimed cost, so nothing the schedule measures shows it: it is the one figure taken from calibration.
+      With it, two full benchmark runs held every budget within a point (MLP 5 %: 5.5 and 5.1 %; it was
+      5.6-6.3 % in the four runs before).
 
-    Each step of a cycle gives its extra cost ``time / base - 1 - always_on`` against the base of its time.
+    Each step of a cycle gives its extra cost ``time / base - 1 - always_on`` against the base of its time
+    (``always_on`` as measured: its untimed part, above, is in ``base`` already).
     The cost of one sampled step, all included, is ``excess = m(sampled) + m(after)`` (or ``m(both)``)
     ``+ m(tail) x`` the mean number of tail steps per cycle, where ``m`` is the interquartile mean over the
     last 64 steps of that kind: what a sample costs the training thread whatever the machine does with the
