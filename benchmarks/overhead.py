@@ -744,8 +744,9 @@ def render(results: list[dict[str, Any]], memory: dict[str, dict[str, dict[str, 
                 )
         lines += ["", "'every-step floor': the schedule's measure of the work no interval avoids (per-example "
                   "dynamics, the hook bodies; from b67b602 also the plain steps slowed by the writer's per-example "
-                  "passes, from 46c747c the own time's untimed cost: the own time counted twice); when it exceeds nine tenths of the budget the budget cannot be "
-                  "held, a warning says so, and the sampled steps keep a tenth of the budget."]
+                  "passes, from 46c747c the own time's untimed cost: the own time counted twice); when it "
+                  "exceeds nine tenths of the budget the budget cannot be held, a warning says so, and the "
+                  "sampled steps keep a tenth of the budget."]
     from lightning_introspect.core.introspector import EXTRAS_DUTY
 
     lines += ["", "Epoch end (per-example folding, `samples.npz`, and the data map when it is redrawn: at most "

@@ -293,7 +293,9 @@ class SamplingSchedule:
             share = sum(self._plain_busy) / len(self._plain_busy)
             writer = share * max(_central_mean(self._busy_time) / base - 1.0, 0.0)
         own = sum(self._own) / len(self._own) / base
-        return own * (1.0 + self.UNTIMED_PER_OWN) + writer if untimed else own + writer
+        if untimed:
+            own *= 1.0 + self.UNTIMED_PER_OWN
+        return own + writer
 
     @_replayed
     def excess(self) -> Optional[float]:
