@@ -49,7 +49,31 @@ class WithIndex(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        item = self.dataset[index]
+        return self._with_index(self.dataset[index], index)
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        """A whole batch of items, each with its index.
+
+        The DataLoader fetches a batch with ``__getitems__`` when the dataset has one, instead of calling
+        ``__getitem__`` per index; this override keeps the index on that path. A wrapped dataset's own
+        ``__getitems__`` (``Subset``, HuggingFace ``datasets.Dataset``) is still used for the fetch: it may
+        return a list of items or a dict of per-key lists, and the indices are added to either.
+        """
+        fetch = getattr(self.dataset, "__getitems__", None)
+        if not fetch:
+            return [self._with_index(self.dataset[i], i) for i in indices]
+        items = fetch(indices)
+        if isinstance(items, dict):
+            return {**items, self.key: list(indices)}
+        if isinstance(items, (list, tuple)) and len(items) == len(indices):
+            return [self._with_index(item, i) for item, i in zip(items, indices)]
+        raise TypeError(
+            f"`{type(self.dataset).__name__}.__getitems__` returned {type(items).__name__}"
+            + (f" of {len(items)} items for {len(indices)} indices" if isinstance(items, (list, tuple)) else "")
+            + ": `WithIndex` can add the indices to a list of items (one per index) or a dict of lists only."
+        )
+
+    def _with_index(self, item: Any, index: int) -> Any:
         if isinstance(item, dict):
             return {**item, self.key: index}
         if isinstance(item, (tuple, list)):
@@ -57,8 +81,10 @@ class WithIndex(Dataset):
         return (item, index)
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "key"):  # not set yet (unpickling): avoid recursion
-            raise AttributeError(name)
+        # Dunders are not forwarded: the DataLoader, pickle and copy look them up by name, and a forwarded one
+        # would act on the wrapped dataset and bypass the index (``__getitems__`` did exactly that).
+        if name in ("dataset", "key") or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.dataset, name)
 
 
