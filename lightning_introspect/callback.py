@@ -75,7 +75,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``samples/data_map``              epoch end   image: confidence vs. variability, coloured by correctness
     ``samples/suspects``              epoch end   text: table of the current top suspects
     ``alerts/nonfinite``              on event    text: NaN/Inf loss, first layer in forward order
-    ``alerts/bad_input``              on event    text: ids out of range/repeated, bad targets
+    ``alerts/bad_input``              on event    text: ids out of range/repeated, bad targets, non-finite
+                                                  logits (see ``README``: what was done with the rows)
     ================================  ==========  ======================================================
 
     Cost: hooks only on sampled steps, 3-4 kernels per layer call on a strided subsample of at most 4,096
@@ -110,8 +111,11 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             tuple position, a dict key, or a function ``batch -> Tensor``.
         targets: where class targets are: "auto" (tuple position 1 / "label", "target", "y", ... keys), a
             position, key or function; a ``"targets"`` entry in the step output wins.
-        num_examples: size of the training set, when ``len(dataset)`` is unknown (iterable datasets).
-        ignore_index: target value ignored in sequence (N, T, C) logits.
+        num_examples: number of sample ids (they lie in ``[0, num_examples)``), when it cannot be found: by
+            default the length of the ``WithIndex`` in the training set (the whole set when a ``Subset`` or
+            ``random_split`` of it is trained on), else ``len(dataset)``.
+        ignore_index: target value left out of the per-example figures, without a warning: an (N, C) row with
+            it, a token of (N, T, C) logits with it.
         history: also write each epoch's per-example figures to ``introspect/history/`` (disk, not RAM).
         class_names: names of the classes, for tables and reports.
         log_dir: where to write when the Trainer has no TensorBoardLogger (default: the Trainer's log dir).
@@ -171,6 +175,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self.threshold_ids: Any = None
         self._dynamics = False
         self._id_key: BatchKey = None
+        self._index_key: Optional[str] = None  # the WithIndex's key, when the training set is wrapped in one
         self._captured: Any = None
         self._capture_handle: Any = None
         self._capturing = False
@@ -235,13 +240,16 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             )
         else:
             self._dynamics = False
+        self._index_key = wrapped.key if wrapped is not None else None
         if self._dynamics:
+            # The store is sized by the dataset whose positions are the ids: the WithIndex, also when a split or
+            # Subset of it is trained on (its ids then reach past len(the split); the examples left out are
+            # never seen, so they are neither ranked nor counted in any share).
             n = cfg.num_examples
             if n is None and dataset is not None:
-                try:
-                    n = len(dataset)
-                except TypeError:
-                    n = None
+                n = _len_or_none(dataset)
+                if wrapped is not None:
+                    n = len(wrapped) if self._id_key == "auto" or n is None else max(n, len(wrapped))
             if n is None:
                 raise ValueError(
                     "Introspect needs the number of training examples for per-example dynamics, and the dataset "
@@ -323,10 +331,17 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             logits = self._captured if isinstance(self._captured, Tensor) else None
         sample_loss = out.get("sample_loss")
         try:
-            ids = _extract(batch, self._id_key, "ids")
+            ids = _extract(batch, self._id_key, "ids", self._index_key)
             targets = out.get("targets")
             if targets is None and logits is not None:
-                targets = _extract(batch, self.targets_key, "targets")
+                targets = _extract(batch, self.targets_key, "targets", self._index_key)
+                if targets is ids and ids is not None:
+                    raise ValueError(
+                        f"the sample ids and the targets are the same element of the batch (ids={self.ids_key!r}, "
+                        f"targets={self.targets_key!r}): the labels would be taken for sample ids. Wrap the training "
+                        "set in `WithIndex` (it adds the index as the last element, or an 'index' key), or point "
+                        "`ids=` and `targets=` at different elements."
+                    )
             if logits is None and sample_loss is None and core._batches_ok == 0:
                 what = type(self._captured).__name__ if self._captured is not None else "nothing (forward was not called)"
                 raise ValueError(
@@ -445,27 +460,43 @@ def _as_mapping(x: Any) -> Mapping[str, Any]:
     return x if type(x) is dict or (not isinstance(x, Tensor) and isinstance(x, Mapping)) else _EMPTY
 
 
-def _extract(batch: Any, key: BatchKey, what: str) -> Any:
+def _len_or_none(dataset: Any) -> Optional[int]:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def _extract(batch: Any, key: BatchKey, what: str, index_key: Optional[str] = None) -> Any:
+    """``what`` ("ids" or "targets") from the batch; ``index_key``: the WithIndex's key when the training set
+    is wrapped in one (None when not), so that the errors say what is true of this run."""
     if callable(key):
         return key(batch)
     if isinstance(batch, (tuple, list)):  # the usual collated batch: before the slower Mapping (ABC) check
         return _from_sequence(batch, key, what)
     if isinstance(batch, Mapping):
         if key == "auto":
-            candidates = ("index",) if what == "ids" else _TARGET_KEYS
+            candidates = (index_key or "index",) if what == "ids" else _TARGET_KEYS
             for k in candidates:
                 if k in batch:
                     return batch[k]
-            raise ValueError(
-                f"the batch (a dict with keys {sorted(batch)[:8]}) has no {what}: "
-                + ("wrap the dataset in `WithIndex` or pass `ids=<key>`." if what == "ids" else "pass `targets=<key>`.")
-            )
+            if what == "targets":
+                fix = "pass `targets=<key>`."
+            elif index_key is not None:
+                fix = (f"the training set is wrapped in `WithIndex`, whose {index_key!r} entry was dropped on the way "
+                       "(a collate_fn?): keep it, or pass `ids=<key>`.")
+            else:
+                fix = "wrap the dataset in `WithIndex` or pass `ids=<key>`."
+            raise ValueError(f"the batch (a dict with keys {sorted(batch)[:8]}) has no {what}: {fix}")
         if key not in batch:
             raise ValueError(f"the batch has no key {key!r} for {what}; its keys are {sorted(batch)[:8]}.")
         return batch[key]
+    fix = (
+        "the training set is wrapped in `WithIndex`, which makes tuples and dicts, so a collate_fn changed the batch: "
+        if index_key is not None else "wrap the dataset in `WithIndex` or "
+    )
     raise ValueError(
-        f"cannot find {what} in a batch of type {type(batch).__name__}: wrap the dataset in `WithIndex` or pass "
-        f"`{what}=` as a function of the batch."
+        f"cannot find {what} in a batch of type {type(batch).__name__}: {fix}pass `{what}=` as a function of the batch."
     )
 
 
@@ -474,7 +505,8 @@ def _from_sequence(batch: Sequence[Any], key: BatchKey, what: str) -> Any:
         key = -1 if what == "ids" else 1
         if what == "targets" and len(batch) < 3:
             raise ValueError(
-                f"cannot tell the targets in a batch of {len(batch)} elements; pass `targets=<position>` or return "
+                f"cannot tell the targets in a batch of {len(batch)} elements (an `(x, y, index)` batch has 3, the "
+                "sample ids last); pass `targets=<position>` of the labels (not the ids' position) or return "
                 "'targets' from training_step."
             )
     if not isinstance(key, int) or not -len(batch) <= key < len(batch):
