@@ -41,7 +41,7 @@ from . import dist
 from ._sync import allow_sync
 from .config import ACTIVATION_TYPES, IntrospectConfig
 from .hooks import HookSet, plain_name, select_layers
-from .samples import BAD_INPUT_NAMES, PerSampleStore, classification_figures, sequence_figures
+from .samples import BAD_INPUT_NAMES, PerSampleStore, bad_input_message, classification_figures, sequence_figures
 from .schedule import SamplingSchedule, quantize_interval
 from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
 from ..sinks.base import AsyncWriter
@@ -405,7 +405,7 @@ class Introspector:
         loss: Any = None,
     ) -> None:
         """Per-example dynamics of one batch, every step: ``logits`` (N, C) or (N, T, C) with integer
-        ``targets`` (N,) or (N, T) (``ignore_index`` tokens skipped), or a per-example ``sample_loss`` (N,)
+        ``targets`` (N,) or (N, T) (``ignore_index`` targets left out), or a per-example ``sample_loss`` (N,)
         when there are no logits. Also counts a non-finite ``loss``. No host sync.
 
         Inputs are checked at once (shapes: free) and kept, detached, for up to ``SAMPLE_BUFFER_STEPS``
@@ -471,7 +471,7 @@ class Introspector:
                 self.num_classes = C
                 if logits.numel() <= MAX_BUFFERED_LOGITS:
                     return ("raw", ids, targets.detach(), logits.detach())
-                loss, margin, conf, correct, valid = classification_figures(logits, targets)
+                loss, margin, conf, correct, valid = classification_figures(logits, targets, self.config.ignore_index)
                 return ("fig", ids, (loss, margin, conf, correct), targets.detach(), valid)
             if logits.ndim == 3 and logits.shape[:2] == targets.shape and logits.shape[0] == n and C >= 2:
                 self.task = self.task or "sequence"
@@ -561,7 +561,7 @@ class Introspector:
             ids, targets, logits, sizes = raw
             if targets.dtype != torch.long:
                 targets = targets.long()
-            loss, margin, conf, correct, valid = classification_figures(logits, targets)
+            loss, margin, conf, correct, valid = classification_figures(logits, targets, self.config.ignore_index)
             store.observe(ids, loss, margin, conf, correct, labels=targets, valid=valid, batch_sizes=sizes)
         groups: dict[tuple, list[tuple]] = {}
         for e in figs:
@@ -967,10 +967,8 @@ class Introspector:
         problems = {k: int(v) for k, v in bad.items() if v > 0}
         if problems:
             n = self.store.num_examples if self.store is not None else self.num_examples
-            message = (
-                f"lightning_introspect: bad per-example input up to step {step}: {problems} (ids must be unique within "
-                f"a batch and lie in [0, {n}); targets in [0, num_classes)). Those rows were left out; check the "
-                "sampler and `WithIndex`."
+            message = f"lightning_introspect: per-example figures up to step {step}: " + bad_input_message(
+                problems, n, self.config.ignore_index
             )
             self.writer.alert(message, RuntimeWarning, key="bad_input:" + ",".join(sorted(problems)))
             for sink in self.sinks:

@@ -2,8 +2,9 @@
 
 No hooks are needed: a few vectorised ops on the logits the training step already computed give each
 example's loss, margin, given-label probability and correctness; one ``index_add_`` scatters them into
-dense per-id buffers on the device. Ids out of range, repeated ids and bad targets are *counted* on the
-device (masked into a trash row, never used as an index) and reported at the next flush.
+dense per-id buffers on the device. Rows with ids out of range, targets out of range or non-finite figures
+are *counted* on the device and left out (masked into a trash row, never used as an index); ids repeated
+within a batch are counted and kept. The counts are reported at the next flush.
 """
 from __future__ import annotations
 
@@ -20,6 +21,38 @@ from .stats import to_device
 _EP_COUNT, _EP_LOSS, _EP_MARGIN, _EP_CONF, _EP_CORRECT = range(5)
 #: Device counters reported at flushes.
 BAD_INPUT_NAMES = ("ids_out_of_range", "ids_repeated_in_batch", "targets_out_of_range", "nonfinite_outputs")
+
+
+def bad_input_message(counts: dict[str, int], num_examples: Optional[int], ignore_index: int) -> str:
+    """The warning for the bad-input counters that are non-zero: for each, what was wrong and what was done
+    with the rows, in that order of :data:`BAD_INPUT_NAMES`.
+
+    Example:
+        >>> bad_input_message({"nonfinite_outputs": 3}, 10, -100)  # doctest: +ELLIPSIS
+        'nonfinite_outputs: 3 rows had non-finite logits (or per-example losses): the model produced NaN/Inf...'
+    """
+    texts = {
+        "ids_out_of_range": (
+            f"{{}} rows had sample ids outside [0, {num_examples}); they were left out. The ids are not positions "
+            "in the dataset the store was sized for: wrap the whole training set in `WithIndex` (outside any "
+            "split), or pass `num_examples=`"
+        ),
+        "ids_repeated_in_batch": (
+            "{} rows repeated an id already in their batch; they were kept, and an example's figures for the "
+            "epoch are the mean over all its rows. That is expected with a sampler that draws with replacement "
+            "(WeightedRandomSampler); otherwise the ids are not sample ids (labels taken for ids?): check `ids=`"
+        ),
+        "targets_out_of_range": (
+            f"{{}} rows had a target outside [0, num_classes) (targets equal to ignore_index={ignore_index} are "
+            "left out silently); they were left out. Check `targets=` and the number of classes in the logits"
+        ),
+        "nonfinite_outputs": (
+            "{} rows had non-finite logits (or per-example losses): the model produced NaN/Inf, a training "
+            "problem (see the `alerts/nonfinite` tag), not bad input; those rows were left out"
+        ),
+    }
+    parts = [f"{name}: " + texts[name].format(counts[name]) for name in BAD_INPUT_NAMES if counts.get(name, 0) > 0]
+    return "; ".join(parts) + "."
 
 
 class WithIndex(Dataset):
@@ -88,12 +121,16 @@ class WithIndex(Dataset):
         return getattr(self.dataset, name)
 
 
-def classification_figures(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-example (loss, margin, confidence, correct, valid) from (N, C) logits and (N,) integer targets.
+def classification_figures(
+    logits: Tensor, targets: Tensor, ignore_index: Optional[int] = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-example (loss, margin, confidence, correct, status) from (N, C) logits and (N,) integer targets.
 
     margin = given-label logit minus the largest other logit; confidence = softmax probability of the given
-    label; loss = cross-entropy; correct = the given label's logit is strictly the largest (margin > 0);
-    valid = target in range and logits finite (invalid rows hold junk).
+    label; loss = cross-entropy; correct = the given label's logit is strictly the largest (margin > 0).
+    status (int8) says what the store does with the row: 1 = use it; 0 = left out and counted, as the target
+    is outside [0, C) or a logit is not finite; -1 = left out silently, as the target is ``ignore_index`` (a
+    row the loss ignores too). Rows other than 1 hold junk.
 
     The logits are transposed to (C, N) first, so that every reduction over the classes runs along the long
     axis: on a CPU this is 4x faster than ``log_softmax`` and ``topk`` over a short last axis (0.13 ms instead
@@ -101,23 +138,25 @@ def classification_figures(logits: Tensor, targets: Tensor) -> tuple[Tensor, Ten
     logits is (a sum overflows only past 3e38).
 
     Example:
-        >>> loss, margin, conf, correct, valid = classification_figures(
-        ...     torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
-        >>> margin.tolist(), correct.tolist()
-        ([2.0, -1.0], [1.0, 0.0])
+        >>> loss, margin, conf, correct, status = classification_figures(
+        ...     torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0, -100]), ignore_index=-100)
+        >>> margin[:2].tolist(), correct[:2].tolist(), status.tolist()
+        ([2.0, -1.0], [1.0, 0.0], [1, 1, -1])
     """
     x = logits.detach() if logits.requires_grad else logits
     x = (x if x.dtype == torch.float32 else x.float()).t().contiguous()  # (C, N)
     C = x.shape[0]
     t = targets if targets.dtype == torch.long and not targets.requires_grad else targets.detach().long()
-    valid = (t >= 0) & (t < C) & torch.isfinite(x.sum(0))
+    status = ((t >= 0) & (t < C) & torch.isfinite(x.sum(0))).to(torch.int8)
+    if ignore_index is not None:
+        status = status.masked_fill_(t == ignore_index, -1)
     tc = t.clamp(0, C - 1).unsqueeze(0)
     given = x.gather(0, tc).squeeze(0)
     top = x.amax(0)
     log_z = (x - top).exp_().sum(0).log_().add_(top)  # log-sum-exp, shifted by the row maximum
     lp_given = given - log_z
     margin = given - x.scatter(0, tc, float("-inf")).amax(0)  # not in place: x may be the caller's own storage
-    return -lp_given, margin, lp_given.exp(), (margin > 0).float(), valid
+    return -lp_given, margin, lp_given.exp(), (margin > 0).float(), status
 
 
 def sequence_figures(
@@ -125,19 +164,26 @@ def sequence_figures(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-example figures from (N, T, C) logits and (N, T) targets: means over the tokens not ignored.
 
-    correct is the example's token accuracy; an example with no valid token is invalid.
+    correct is the example's token accuracy. status as in :func:`classification_figures`, per example: 0 when
+    a token not ignored has a target outside [0, C); -1 when every token is ``ignore_index`` (nothing to
+    measure); else 1. An example with a non-finite logit in a token not ignored gets a NaN loss, which the
+    store counts as a non-finite output.
     """
     N, T, C = logits.shape
-    loss, margin, conf, correct, valid = classification_figures(logits.reshape(N * T, C), targets.reshape(N * T))
-    valid = valid & (targets.reshape(N * T) != ignore_index)
-    w = valid.float().view(N, T)
-    n_tok = w.sum(1)
-    denom = n_tok.clamp_min(1.0)
+    flat_t = targets.reshape(N * T)
+    loss, margin, conf, correct, tok = classification_figures(logits.reshape(N * T, C), flat_t)
+    kept = flat_t != ignore_index
+    in_range = (flat_t >= 0) & (flat_t < C)
+    w = (kept & (tok > 0)).float().view(N, T)
+    denom = w.sum(1).clamp_min(1.0)
+    bad_target = (kept & ~in_range).view(N, T).any(1)
+    nonfinite = (kept & in_range & (tok == 0)).view(N, T).any(1)  # in range, so not usable: a non-finite logit
 
     def mean(v: Tensor) -> Tensor:
         return (torch.nan_to_num(v.view(N, T)) * w).sum(1) / denom
 
-    return mean(loss), mean(margin), mean(conf), mean(correct), n_tok > 0
+    status = torch.where(kept.view(N, T).any(1), (~bad_target).to(torch.int8), -1).to(torch.int8)
+    return mean(loss).masked_fill(nonfinite, float("nan")), mean(margin), mean(conf), mean(correct), status
 
 
 def _flat(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -210,8 +256,14 @@ class PerSampleStore:
     ) -> None:
         """Scatters per-example figures (each (B,)) into this epoch's buffers. No host sync.
 
-        ``batch_sizes``: when the rows are several training batches concatenated, their sizes in order, so
-        that an id counts as repeated only within its own batch.
+        Every row of an id adds to the same sums, so an id that comes several times in an epoch (a sampler
+        drawing with replacement, in one batch or in several) gets the mean of its figures over those rows,
+        and counts as seen in the epoch once. Repeats within one batch are also counted, as
+        ``ids_repeated_in_batch``: without such a sampler they mean the ids are wrong.
+
+        ``valid``: (B,) bool, True = use the row, or the int8 status of :func:`classification_figures` (-1 =
+        leave the row out without counting it). ``batch_sizes``: when the rows are several training batches
+        concatenated, their sizes in order, so that an id counts as repeated only within its own batch.
         """
         n, dev = self.num_examples, self.device
         ids = _flat(ids, torch.long, dev)
@@ -224,10 +276,10 @@ class PerSampleStore:
             key = ids + self._batch_offsets(tuple(batch_sizes))  # ids of different batches never compare equal
         srt = key.sort().values
         bad = [(~in_range).sum(), (srt[1:] == srt[:-1]).sum()]
-        if valid is not None:
+        if valid is not None:  # a bool mask, or the int8 status of the figure functions (-1: ignored)
             valid = valid.to(dev)
-            bad.append((ok & ~valid).sum())  # a NaN row is a non-finite output, not a bad target
-            ok = ok & valid
+            bad.append((ok & (valid == 0)).sum())  # a NaN row is a non-finite output, not a bad target
+            ok = ok & (valid > 0)
         else:
             bad.append(self._zero)
         bad.append((in_range & ~finite).sum())
