@@ -34,8 +34,8 @@ def bad_input_message(counts: dict[str, int], num_examples: Optional[int], ignor
     texts = {
         "ids_out_of_range": (
             f"{{}} rows had sample ids outside [0, {num_examples}); they were left out. The ids are not positions "
-            "in the dataset the store was sized for: wrap the whole training set in `WithIndex` (outside any "
-            "split), or pass `num_examples=`"
+            f"in a set of {num_examples} examples: wrap the whole training set in `WithIndex` (and split that), "
+            "or, with `ids=` of your own, pass `num_examples=` above the largest id"
         ),
         "ids_repeated_in_batch": (
             "{} rows repeated an id already in their batch; they were kept, and an example's figures for the "
