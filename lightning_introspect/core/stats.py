@@ -365,12 +365,45 @@ class CaptureFolder:
         return out
 
 
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+def sparse_sq_norm(t: Tensor) -> Tensor:
+    """Squared L2 norm (0-dim float64) of a sparse tensor, the norm of its coalesced form, without a sync.
+
+    A COO tensor may hold an index several times (an ``nn.Embedding(sparse=True)`` gradient holds one row per
+    lookup), and the entries of one index add up before they are squared. ``coalesce()`` sums them but sizes
+    its output from the data, a device-to-host sync on CUDA; here the entries are sorted by index and added
+    into a buffer of the same fixed size, each into the slot of its index's first occurrence. Compressed
+    layouts (CSR, CSC, BSR, BSC) hold each index once: their values are squared as they are.
+    """
+    if t.layout in _COMPRESSED:
+        return t.values().double().square().sum()
+    if t.layout != torch.sparse_coo:
+        raise TypeError(f"sparse_sq_norm takes a sparse tensor, got layout {t.layout}.")
+    values = t._values()
+    if t.is_coalesced() or values.shape[0] <= 1:  # a host flag and a shape: no read
+        return values.double().square().sum()
+    indices = t._indices()  # (sparse_dim, nnz)
+    key = indices[0]
+    for d in range(1, indices.shape[0]):  # row-major linear index of each entry
+        key = key * t.shape[d] + indices[d]
+    key, order = key.sort()
+    first = torch.ones_like(key, dtype=torch.bool)
+    torch.ne(key[1:], key[:-1], out=first[1:])
+    slot = first.cumsum(0).sub_(1)
+    summed = torch.zeros(values.shape, dtype=torch.float64, device=values.device)
+    summed.index_add_(0, slot, values.index_select(0, order).double())
+    return summed.square().sum()
+
+
 class GradNorms:
     """Per-layer squared norms of gradients, weights and optimizer updates for one sampled step.
 
     Layers are the modules that own parameters (a parameter ``a.b.weight`` belongs to layer ``a.b``).
-    Squared norms come from ``torch._foreach_norm`` (one fused launch per dtype/device group), are summed
-    per layer with one ``index_add_`` and are read on the host only at the flush.
+    Squared norms come from ``torch._foreach_norm`` (one fused launch per dtype/device group; sparse
+    gradients, e.g. of ``nn.Embedding(sparse=True)``, through :func:`sparse_sq_norm`), are summed per layer
+    with one ``index_add_`` and are read on the host only at the flush.
     """
 
     def __init__(self, param_names: Sequence[str]) -> None:
@@ -419,8 +452,18 @@ class GradNorms:
 
     @staticmethod
     def _sq_norms(tensors: list[Tensor]) -> Tensor:
-        norms = torch._foreach_norm(tensors)
-        return torch.stack([n.to(norms[0].device) for n in norms]).double().square()
+        """(n,) float64 squared L2 norms, on the first tensor's device; sparse tensors of any layout too
+        (``torch._foreach_norm`` takes dense tensors only)."""
+        device = tensors[0].device
+        if all(t.layout == torch.strided for t in tensors):
+            norms = torch._foreach_norm(tensors)
+            return torch.stack([n.to(device) for n in norms]).double().square()
+        dense = [t for t in tensors if t.layout == torch.strided]
+        dense_sq = iter(torch._foreach_norm(dense) if dense else ())
+        return torch.stack([
+            next(dense_sq).to(device).double().square() if t.layout == torch.strided else sparse_sq_norm(t).to(device)
+            for t in tensors
+        ])
 
     @torch.no_grad()
     def observe(self, positions: Sequence[int], grads: list[Tensor], params: list[Tensor], per_param: bool) -> None:
