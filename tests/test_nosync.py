@@ -192,7 +192,8 @@ def _call_from_package(fn: Callable[[], Any]) -> Any:
 def _fit_every_step_sampled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int = 12) -> tuple[Introspect, SyncLog]:
     cb = Introspect(every_n_steps=1, warmup_steps=0, histograms=True, dead_units=True, dead_window=2,
                     grad_norms=True, param_grad_norms=True, update_ratios=True, sample_dynamics=True)
-    tr = trainer("lightning.pytorch", tmp_path, max_steps=steps, callbacks=[cb])
+    # clipping on (at a norm never reached): the clipped global norm is read in an optimizer step hook
+    tr = trainer("lightning.pytorch", tmp_path, max_steps=steps, callbacks=[cb], gradient_clip_val=1e3)
     train = loader(WithIndex(classification_data(n=48)))  # 6 steps per epoch: two epoch ends
     with record_syncs_everywhere(monkeypatch) as log:
         tr.fit(classifier(), train)

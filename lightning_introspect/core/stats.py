@@ -403,7 +403,8 @@ class GradNorms:
     Layers are the modules that own parameters (a parameter ``a.b.weight`` belongs to layer ``a.b``).
     Squared norms come from ``torch._foreach_norm`` (one fused launch per dtype/device group; sparse
     gradients, e.g. of ``nn.Embedding(sparse=True)``, through :func:`sparse_sq_norm`), are summed per layer
-    with one ``index_add_`` and are read on the host only at the flush.
+    with one ``index_add_`` and are read on the host only at the flush. ``clipped_sq`` is the squared global
+    norm of the gradients the optimizer step used, after any clipping (see ``observe_clipped``).
     """
 
     def __init__(self, param_names: Sequence[str]) -> None:
@@ -422,8 +423,10 @@ class GradNorms:
         self.weight_sq: Optional[Tensor] = None  # (L,)
         self.update_sq: Optional[Tensor] = None  # (L,)
         self.param_grad: Optional[Tensor] = None  # (P,)
-        self.observed = False  # host flags: whether grads / updates arrived this window
+        self.clipped_sq: Optional[Tensor] = None  # (1,)
+        self.observed = False  # host flags: whether grads / updates / clipped grads arrived this window
         self.updated = False
+        self.clipped = False
         self.observed_params: set[int] = set()
         self.skipped_updates = 0
 
@@ -449,6 +452,7 @@ class GradNorms:
             self.weight_sq = torch.zeros(L, dtype=torch.float64, device=device)
             self.update_sq = torch.zeros(L, dtype=torch.float64, device=device)
             self.param_grad = torch.zeros(P, dtype=torch.float64, device=device)
+            self.clipped_sq = torch.zeros(1, dtype=torch.float64, device=device)
 
     @staticmethod
     def _sq_norms(tensors: list[Tensor]) -> Tensor:
@@ -499,23 +503,37 @@ class GradNorms:
         self.update_sq.index_add_(0, self._index(tuple(positions), device), self._sq_norms(deltas))
         self.updated = True
 
+    @torch.no_grad()
+    def observe_clipped(self, grads: list[Tensor]) -> None:
+        """Adds the squared global norm of ``grads`` as the optimizer step uses them (after clipping)."""
+        if not grads:
+            return
+        device = grads[0].device
+        self._buffers(device)
+        assert self.clipped_sq is not None
+        self.clipped_sq.add_(self._sq_norms(grads).sum())
+        self.clipped = True
+
     def take(self, per_param: bool) -> list[Tensor]:
-        """Hands over this window's buffers ([grad, weight, update] squared norms per layer, and per parameter
-        with ``per_param``), to be packed possibly on another thread; the next window gets fresh ones."""
+        """Hands over this window's buffers ([grad, weight, update] squared norms per layer, the squared global
+        norm after clipping, and per parameter with ``per_param``), to be packed possibly on another thread;
+        the next window gets fresh ones."""
         assert self.grad_sq is not None and self.weight_sq is not None and self.update_sq is not None
-        parts = [self.grad_sq, self.weight_sq, self.update_sq]
+        assert self.clipped_sq is not None
+        parts = [self.grad_sq, self.weight_sq, self.update_sq, self.clipped_sq]
         if per_param:
             assert self.param_grad is not None
             parts.append(self.param_grad)
-        self.grad_sq = self.weight_sq = self.update_sq = self.param_grad = None
+        self.grad_sq = self.weight_sq = self.update_sq = self.param_grad = self.clipped_sq = None
         self.reset()
         return parts
 
     def reset(self) -> None:
         self.observed = False
         self.updated = False
+        self.clipped = False
         self.observed_params = set()
         if self.grad_sq is not None:
-            for t in (self.grad_sq, self.weight_sq, self.update_sq, self.param_grad):
+            for t in (self.grad_sq, self.weight_sq, self.update_sq, self.param_grad, self.clipped_sq):
                 assert t is not None
                 t.zero_()
