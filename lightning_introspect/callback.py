@@ -22,6 +22,20 @@ BatchKey = Union[str, int, Callable[[Any], Tensor], None]
 _TARGET_KEYS = ("label", "labels", "target", "targets", "y")
 
 
+def _clips_gradients(trainer: Any, pl_module: Any) -> bool:
+    """Whether Lightning may clip the gradients after ``on_before_optimizer_step``: automatic optimization with
+    a positive ``gradient_clip_val``, or a module that overrides ``configure_gradient_clipping`` (its own rule)."""
+    if not getattr(pl_module, "automatic_optimization", True):
+        return False  # manual optimization: Lightning does not clip (the user clips before stepping)
+    clip_val = getattr(trainer, "gradient_clip_val", None)
+    if clip_val is not None and clip_val > 0:
+        return True
+    owner = next((c for c in type(pl_module).__mro__ if "configure_gradient_clipping" in vars(c)), None)
+    return owner is not None and not (
+        owner.__name__ == "LightningModule" and owner.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+    )
+
+
 def _find_dataset(dataset: Any, cls: type) -> Any:
     """Looks through wrapper datasets (``.dataset`` chains, e.g. Subset, WithIndex) for an instance of cls."""
     seen = 0
@@ -58,7 +72,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                                                   over the last ``dead_window`` sampled steps
     ``dead_count/{layer}``            sampled     number of such units
     ``dead_windows/{layer}``          sampled     how many windows the longest-dead unit has stayed dead
-    ``grad_norm/global``              sampled     L2 norm of all gradients (after AMP unscaling)
+    ``grad_norm/global``              sampled     L2 norm of all gradients (after AMP unscaling, before
+                                                  gradient clipping)
+    ``grad_norm/global_clipped``      sampled     the same after clipping: the norm the optimizer step
+                                                  used (only when ``gradient_clip_val`` is set or the
+                                                  module overrides ``configure_gradient_clipping``; not on
+                                                  a step the AMP grad scaler skips)
     ``grad_norm/{layer}``             sampled     L2 norm of the layer's parameter gradients
     ``grad_to_weight/{layer}``        sampled     gradient norm / weight norm
     ``update_to_weight/{layer}``      sampled     norm of the real optimizer update / weight norm
@@ -183,6 +202,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._loaded_state: Optional[dict[str, Any]] = None
         self._trainer: Any = None
         self._writer: Optional[AsyncWriter] = None  # the core's, read by the backward-window hooks
+        self._clipping = False  # whether Lightning clips gradients after on_before_optimizer_step
 
     @property
     def state_key(self) -> str:
@@ -216,6 +236,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         core = self._require_core()
+        self._clipping = _clips_gradients(trainer, pl_module)
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
         if dataset is None and isinstance(loader, (list, tuple)) and loader:
@@ -299,10 +320,14 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if writer is not None:
             writer.window(False)
 
+    # Lightning calls this hook before it clips the gradients: grad_norm/global is the norm before clipping.
+    # With clipping on, the core also reads the norm the optimizer step uses (grad_norm/global_clipped): as the
+    # step starts under AMP (scaler.step follows the clipping), else as it ends (the step began before this
+    # hook: Lightning runs the closure inside optimizer.step), from the gradients the step left.
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         core = self.core
         if core is not None and core.sampled:  # observe_gradients is timed
-            core.observe_gradients(optimizer)
+            core.observe_gradients(optimizer, clipping=self._clipping)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         core = self.core

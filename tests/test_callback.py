@@ -102,7 +102,8 @@ def test_documented_tags_match_a_full_run(tmp_path: Path) -> None:
     # Per-example dynamics (WithIndex + logits), per-parameter norms, enough unsampled steps for the
     # overhead estimate (>= 12 timed unsampled steps), dead units within the run, and a NaN on the last
     # sampled step (24, the first of epoch 3) for `alerts/nonfinite`; the NaN logits of that step also raise
-    # `alerts/bad_input` (non-finite outputs).
+    # `alerts/bad_input` (non-finite outputs). Gradient clipping is on (at a norm never reached) for
+    # `grad_norm/global_clipped`.
     # The writer is drained after each step: on this tiny model its work would otherwise outlast the next
     # steps, which then count as the sampled step's cost, not as unsampled ones (see SamplingSchedule).
     cb = Introspect(every_n_steps=4, warmup_steps=2, param_grad_norms=True, dead_window=2)
@@ -115,7 +116,7 @@ def test_documented_tags_match_a_full_run(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         fit("lightning.pytorch", tmp_path, cb, max_steps=25, model=classifier(poison_steps=(24,)),
-            extra_callbacks=[DrainWriter()])
+            extra_callbacks=[DrainWriter()], gradient_clip_val=1e3)
     logged = read_events(tmp_path / "version_0").tags()
     missing = [d for d, rx in patterns.items() if not any(rx.match(t) for t in logged)]
     undocumented = sorted(t for t in logged if not any(rx.match(t) for rx in patterns.values()))
@@ -126,7 +127,7 @@ def test_documented_tags_match_a_full_run(tmp_path: Path) -> None:
 def test_custom_scalars_layout_covers_every_scalar(tmp_path: Path) -> None:
     """Test that the custom-scalars layout is written and its charts cover every scalar tag, one chart per stat."""
     cb = Introspect(every_n_steps=1, warmup_steps=0, param_grad_norms=True)
-    fit("lightning.pytorch", tmp_path, cb, max_steps=8)
+    fit("lightning.pytorch", tmp_path, cb, max_steps=8, gradient_clip_val=1e3)
     ev = read_events(tmp_path / "version_0")
     assert ev.layout is not None
     charts = {c.title: [re.compile(t) for t in c.multiline.tag] for cat in ev.layout.category for c in cat.chart}
@@ -137,6 +138,9 @@ def test_custom_scalars_layout_covers_every_scalar(tmp_path: Path) -> None:
     # one multi-line chart per statistic: all layers of activation_mean share the "mean" chart
     mean_tags = [t for t in ev.scalars if any(rx.search(t) for rx in charts["mean"])]
     assert sorted(mean_tags) == sorted(f"activation_mean/{n}" for n in MLP_LAYERS)
+    global_tags = [t for t in ev.scalars if any(rx.search(t) for rx in charts["gradient L2 norm (global)"])]
+    assert sorted(global_tags) == ["grad_norm/global", "grad_norm/global_clipped"]
+    assert not any(rx.search(t) for t in global_tags for rx in charts["gradient L2 norm per layer"])
 
 
 # ------------------------------------------------------------------------------------------------ where it writes

@@ -44,6 +44,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(lightning_introspect.__file__)) + 
 _ALWAYS_SYNC = {
     "_local_scalar_dense", "item", "is_nonzero", "nonzero", "argwhere", "masked_select", "equal", "bincount",
     "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
+    "_coalesce",  # sizes its output by the number of distinct indices: a read on CUDA
 }
 #: Tensor methods / functions that copy to the host (invisible to aten on a CPU-only run).
 _HOST_COPIES = {"cpu", "numpy", "tolist", "item", "__bool__", "__float__", "__int__", "__index__", "__complex__",
@@ -191,7 +192,8 @@ def _call_from_package(fn: Callable[[], Any]) -> Any:
 def _fit_every_step_sampled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int = 12) -> tuple[Introspect, SyncLog]:
     cb = Introspect(every_n_steps=1, warmup_steps=0, histograms=True, dead_units=True, dead_window=2,
                     grad_norms=True, param_grad_norms=True, update_ratios=True, sample_dynamics=True)
-    tr = trainer("lightning.pytorch", tmp_path, max_steps=steps, callbacks=[cb])
+    # clipping on (at a norm never reached): the clipped global norm is read in an optimizer step hook
+    tr = trainer("lightning.pytorch", tmp_path, max_steps=steps, callbacks=[cb], gradient_clip_val=1e3)
     train = loader(WithIndex(classification_data(n=48)))  # 6 steps per epoch: two epoch ends
     with record_syncs_everywhere(monkeypatch) as log:
         tr.fit(classifier(), train)
@@ -238,6 +240,25 @@ def test_plain_loop_introspector_does_not_sync_outside_flushes(tmp_path: Path, m
     assert not log.violations, "host syncs outside flushes:\n" + _report(log.violations)
     assert any("_to_host" in (s.frame or "") for s in log.allowed)
     assert intro.records()["seen_epochs"].tolist() == [2] * 32
+
+
+def test_sparse_gradients_do_not_sync_outside_flushes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that the norms of uncoalesced sparse gradients (``nn.Embedding(sparse=True)``) take no sync."""
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = IntrospectConfig(every_n_steps=1, warmup_steps=0, param_grad_norms=True)
+    intro = Introspector(model, cfg, sinks=[TensorBoardSink(tmp_path)])
+    x = torch.randint(0, 10, (8, 3), generator=torch.Generator().manual_seed(0))  # 24 lookups of 10 rows
+    with record_syncs_everywhere(monkeypatch) as log:
+        for step in range(3):
+            with intro.step(step):
+                opt.zero_grad()
+                model(x).sum().backward()
+                intro.observe_gradients(opt)
+                opt.step()
+        intro.close()
+    assert not log.violations, "host syncs outside flushes:\n" + _report(log.violations)
+    assert intro.samples_flushed == 3
 
 
 # ------------------------------------------------------------------------------------------------ it can fail

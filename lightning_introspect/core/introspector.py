@@ -75,6 +75,7 @@ _ACTIVATION_TAGS = ("activation_mean", "activation_std", "activation_min", "acti
 _DEAD_TAGS = ("dead_fraction", "dead_count", "dead_windows")
 _GRAD_TAGS = ("grad_norm", "grad_to_weight", "update_to_weight")
 _PARAM_TAGS = ("param_grad_norm",)
+_GLOBAL_GRAD_TAGS = ("grad_norm/global", "grad_norm/global_clipped")  # not layers
 _HIST_TAGS = ("activation_hist",)
 MAX_WRITTEN_BUCKETS = 40  # histogram buckets per event (adjacent ones merged beyond)
 
@@ -150,8 +151,8 @@ def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
         }
     if config.grad_norms:
         # The global norm is apart: on one axis with the layers it is the largest line and squashes them.
-        charts = {"gradient L2 norm (global)": ["Multiline", [r"^grad_norm/global$"]],
-                  "gradient L2 norm per layer": ["Multiline", [r"^grad_norm/(?!global$)"]],
+        charts = {"gradient L2 norm (global)": ["Multiline", [r"^grad_norm/global(_clipped)?$"]],
+                  "gradient L2 norm per layer": ["Multiline", [r"^grad_norm/(?!global(_clipped)?$)"]],
                   "gradient / weight norm": ["Multiline", [r"^grad_to_weight/"]]}
         if config.update_ratios:
             charts["update / weight norm"] = ["Multiline", [r"^update_to_weight/"]]
@@ -364,31 +365,56 @@ class Introspector:
         self._loss_bad.add_(bad)
 
     @_timed
-    def observe_gradients(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """On sampled steps: gradient and weight norms (call after backward and AMP unscaling, before the
-        optimizer step). With ``optimizer``, only its parameters are read and the real update it makes is
-        measured (a one-shot step post-hook; a step skipped by a grad scaler is not counted)."""
+    def observe_gradients(self, optimizer: Optional[torch.optim.Optimizer] = None, *, clipping: bool = False) -> None:
+        """On sampled steps: gradient and weight norms (call after backward and AMP unscaling, before gradient
+        clipping and the optimizer step). With ``optimizer``, only its parameters are read and the real update
+        it makes is measured (a one-shot step post-hook; a step skipped by a grad scaler is not counted).
+
+        ``clipping=True`` (a loop that clips between this call and ``optimizer.step()``): the global norm of
+        the gradients the step uses, after clipping, is read too (``grad_norm/global_clipped``), when the
+        optimizer starts its step (a step pre-hook), or, where the step had already started when this was
+        called (Lightning runs its closure inside ``optimizer.step``), when it ends, from the gradients it
+        left, which torch's optimizers do not change; a step a grad scaler skips has none. ``grad_norm/global``
+        stays the norm before clipping."""
         if not (self.sampled and self.config.grad_norms):
             return
         opt = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> torch optimizer
+        if clipping and not hasattr(opt, "register_step_pre_hook"):
+            raise ValueError(
+                f"`observe_gradients(clipping=True)` reads the clipped gradients when the optimizer steps, and needs "
+                f"it: pass `observe_gradients(optimizer, clipping=True)` (got {optimizer!r})."
+            )
         plist = [p for g in opt.param_groups for p in g["params"]] if opt is not None else self._params
-        pos, grads, params = [], [], []
+        pos, grads, params, owners = [], [], [], []
         for p in plist:  # Python bookkeeping only; the norms below are fused launches
             i = self._param_pos.get(id(p))
             if i is not None and p.grad is not None:
                 pos.append(i)
                 grads.append(p.grad.detach())
                 params.append(p.detach())
+                owners.append(p)
         if not pos:
             return
         self.grad.observe(pos, grads, params, self.config.param_grad_norms)
-        if self.config.update_ratios and opt is not None and hasattr(opt, "register_step_post_hook"):
+        clipped_read = [not clipping]
+
+        def read_clipped() -> None:  # once per step: the gradients as they are now (clipped in place or replaced)
+            if not clipped_read[0]:
+                clipped_read[0] = True
+                self.grad.observe_clipped([p.grad.detach() for p in owners if p.grad is not None])
+
+        if clipping:
+            self._step_handles.append(opt.register_step_pre_hook(lambda _opt, _args, _kwargs: read_clipped()))
+        update = self.config.update_ratios and opt is not None and hasattr(opt, "register_step_post_hook")
+        if update:
             with torch.no_grad():
                 before = torch._foreach_mul(params, 1.0)
+        if update or clipping:
             fired = [False]
 
             def after_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
-                if not fired[0]:
+                read_clipped()
+                if update and not fired[0]:
                     fired[0] = True
                     self.grad.observe_update(pos, before, params)
 
@@ -682,6 +708,7 @@ class Introspector:
             grad_observed = grad.observed and not counters_only
             grad_layers = sorted(grad.observed_layers()) if grad_observed else []
             grad_updated = grad.updated and not counters_only
+            grad_clipped = grad.clipped and not counters_only
             param_positions = sorted(grad.observed_params) if grad_observed and cfg.param_grad_norms else []
             if grad_observed:
                 grad_parts = grad.take(cfg.param_grad_norms)
@@ -703,6 +730,7 @@ class Introspector:
             "grad_layers": grad_layers,
             "grad_observed": grad_observed,
             "grad_updated": grad_updated,
+            "grad_clipped": grad_clipped,
             "param_positions": param_positions,
             "order": list(self.hooks.order),
             "reduced": reduced,
@@ -880,12 +908,15 @@ class Introspector:
         if meta["grad_observed"]:
             L = len(self.grad.layer_names)
             g2, w2, u2 = data[off : off + L], data[off + L : off + 2 * L], data[off + 2 * L : off + 3 * L]
-            off += 3 * L
+            clipped_sq = data[off + 3 * L]
+            off += 3 * L + 1
             sel = np.asarray(meta["grad_layers"], dtype=np.int64)
             names = [self.grad.layer_names[i] for i in sel.tolist()]
             tags = [self._tags(n, _GRAD_TAGS) for n in names]
             g2s, w2s, u2s = g2[sel], w2[sel], u2[sel]
             scalars["grad_norm/global"] = math.sqrt(float(g2s.sum()))
+            if meta["grad_clipped"]:
+                scalars["grad_norm/global_clipped"] = math.sqrt(float(clipped_sq))
             scalars.update(zip([t[0] for t in tags], np.sqrt(g2s).tolist()))
             has_w = np.flatnonzero(w2s > 0)
             w = w2s[has_w]
@@ -956,7 +987,7 @@ class Introspector:
             elif loss_bad > 0:
                 parts.append("no monitored layer produced a non-finite value on the sampled step; the next steps are sampled to find it")
             if grad_bad:
-                bad_layers = [k.split("/", 1)[1] for k, v in scalars.items() if k.startswith("grad_norm/") and not math.isfinite(v) and k != "grad_norm/global"]
+                bad_layers = [k.split("/", 1)[1] for k, v in scalars.items() if k.startswith("grad_norm/") and not math.isfinite(v) and k not in _GLOBAL_GRAD_TAGS]
                 parts.append(f"non-finite gradients in {bad_layers[:5]}")
             message = f"lightning_introspect: non-finite values at step {step}: " + "; ".join(parts) + ". Training goes on."
             self.writer.alert(message, RuntimeWarning, key="nonfinite")

@@ -365,12 +365,46 @@ class CaptureFolder:
         return out
 
 
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+def sparse_sq_norm(t: Tensor) -> Tensor:
+    """Squared L2 norm (0-dim float64) of a sparse tensor, the norm of its coalesced form, without a sync.
+
+    A COO tensor may hold an index several times (an ``nn.Embedding(sparse=True)`` gradient holds one row per
+    lookup), and the entries of one index add up before they are squared. ``coalesce()`` sums them but sizes
+    its output from the data, a device-to-host sync on CUDA; here the entries are sorted by index and added
+    into a buffer of the same fixed size, each into the slot of its index's first occurrence. Compressed
+    layouts (CSR, CSC, BSR, BSC) hold each index once: their values are squared as they are.
+    """
+    if t.layout in _COMPRESSED:
+        return t.values().double().square().sum()
+    if t.layout != torch.sparse_coo:
+        raise TypeError(f"sparse_sq_norm takes a sparse tensor, got layout {t.layout}.")
+    values = t._values()
+    if t.is_coalesced() or values.shape[0] <= 1:  # a host flag and a shape: no read
+        return values.double().square().sum()
+    indices = t._indices()  # (sparse_dim, nnz)
+    key = indices[0]
+    for d in range(1, indices.shape[0]):  # row-major linear index of each entry
+        key = key * t.shape[d] + indices[d]
+    key, order = key.sort()
+    first = torch.ones_like(key, dtype=torch.bool)
+    torch.ne(key[1:], key[:-1], out=first[1:])
+    slot = first.cumsum(0).sub_(1)
+    summed = torch.zeros(values.shape, dtype=torch.float64, device=values.device)
+    summed.index_add_(0, slot, values.index_select(0, order).double())
+    return summed.square().sum()
+
+
 class GradNorms:
     """Per-layer squared norms of gradients, weights and optimizer updates for one sampled step.
 
     Layers are the modules that own parameters (a parameter ``a.b.weight`` belongs to layer ``a.b``).
-    Squared norms come from ``torch._foreach_norm`` (one fused launch per dtype/device group), are summed
-    per layer with one ``index_add_`` and are read on the host only at the flush.
+    Squared norms come from ``torch._foreach_norm`` (one fused launch per dtype/device group; sparse
+    gradients, e.g. of ``nn.Embedding(sparse=True)``, through :func:`sparse_sq_norm`), are summed per layer
+    with one ``index_add_`` and are read on the host only at the flush. ``clipped_sq`` is the squared global
+    norm of the gradients the optimizer step used, after any clipping (see ``observe_clipped``).
     """
 
     def __init__(self, param_names: Sequence[str]) -> None:
@@ -389,8 +423,10 @@ class GradNorms:
         self.weight_sq: Optional[Tensor] = None  # (L,)
         self.update_sq: Optional[Tensor] = None  # (L,)
         self.param_grad: Optional[Tensor] = None  # (P,)
-        self.observed = False  # host flags: whether grads / updates arrived this window
+        self.clipped_sq: Optional[Tensor] = None  # (1,)
+        self.observed = False  # host flags: whether grads / updates / clipped grads arrived this window
         self.updated = False
+        self.clipped = False
         self.observed_params: set[int] = set()
         self.skipped_updates = 0
 
@@ -416,11 +452,22 @@ class GradNorms:
             self.weight_sq = torch.zeros(L, dtype=torch.float64, device=device)
             self.update_sq = torch.zeros(L, dtype=torch.float64, device=device)
             self.param_grad = torch.zeros(P, dtype=torch.float64, device=device)
+            self.clipped_sq = torch.zeros(1, dtype=torch.float64, device=device)
 
     @staticmethod
     def _sq_norms(tensors: list[Tensor]) -> Tensor:
-        norms = torch._foreach_norm(tensors)
-        return torch.stack([n.to(norms[0].device) for n in norms]).double().square()
+        """(n,) float64 squared L2 norms, on the first tensor's device; sparse tensors of any layout too
+        (``torch._foreach_norm`` takes dense tensors only)."""
+        device = tensors[0].device
+        if all(t.layout == torch.strided for t in tensors):
+            norms = torch._foreach_norm(tensors)
+            return torch.stack([n.to(device) for n in norms]).double().square()
+        dense = [t for t in tensors if t.layout == torch.strided]
+        dense_sq = iter(torch._foreach_norm(dense) if dense else ())
+        return torch.stack([
+            next(dense_sq).to(device).double().square() if t.layout == torch.strided else sparse_sq_norm(t).to(device)
+            for t in tensors
+        ])
 
     @torch.no_grad()
     def observe(self, positions: Sequence[int], grads: list[Tensor], params: list[Tensor], per_param: bool) -> None:
@@ -456,23 +503,37 @@ class GradNorms:
         self.update_sq.index_add_(0, self._index(tuple(positions), device), self._sq_norms(deltas))
         self.updated = True
 
+    @torch.no_grad()
+    def observe_clipped(self, grads: list[Tensor]) -> None:
+        """Adds the squared global norm of ``grads`` as the optimizer step uses them (after clipping)."""
+        if not grads:
+            return
+        device = grads[0].device
+        self._buffers(device)
+        assert self.clipped_sq is not None
+        self.clipped_sq.add_(self._sq_norms(grads).sum())
+        self.clipped = True
+
     def take(self, per_param: bool) -> list[Tensor]:
-        """Hands over this window's buffers ([grad, weight, update] squared norms per layer, and per parameter
-        with ``per_param``), to be packed possibly on another thread; the next window gets fresh ones."""
+        """Hands over this window's buffers ([grad, weight, update] squared norms per layer, the squared global
+        norm after clipping, and per parameter with ``per_param``), to be packed possibly on another thread;
+        the next window gets fresh ones."""
         assert self.grad_sq is not None and self.weight_sq is not None and self.update_sq is not None
-        parts = [self.grad_sq, self.weight_sq, self.update_sq]
+        assert self.clipped_sq is not None
+        parts = [self.grad_sq, self.weight_sq, self.update_sq, self.clipped_sq]
         if per_param:
             assert self.param_grad is not None
             parts.append(self.param_grad)
-        self.grad_sq = self.weight_sq = self.update_sq = self.param_grad = None
+        self.grad_sq = self.weight_sq = self.update_sq = self.param_grad = self.clipped_sq = None
         self.reset()
         return parts
 
     def reset(self) -> None:
         self.observed = False
         self.updated = False
+        self.clipped = False
         self.observed_params = set()
         if self.grad_sq is not None:
-            for t in (self.grad_sq, self.weight_sq, self.update_sq, self.param_grad):
+            for t in (self.grad_sq, self.weight_sq, self.update_sq, self.param_grad, self.clipped_sq):
                 assert t is not None
                 t.zero_()

@@ -15,7 +15,7 @@ from helpers.tb import read_events
 from torch import Tensor, nn
 
 from lightning_introspect.core import IntrospectConfig, Introspector, LayerStats, histogram_counts, histogram_edges
-from lightning_introspect.core.stats import HIST_BINS, HIST_K, HIST_LO, HIST_RATIO, GradNorms
+from lightning_introspect.core.stats import HIST_BINS, HIST_K, HIST_LO, HIST_RATIO, GradNorms, sparse_sq_norm
 from lightning_introspect.sinks import TensorBoardSink
 
 Scalars = dict[str, dict[int, float]]
@@ -430,6 +430,46 @@ def test_grad_norms_of_two_parameter_halves_add_up() -> None:
     for key in ("grad_sq", "weight_sq", "param_grad"):
         torch.testing.assert_close(getattr(split, key), getattr(whole, key))
     assert split.observed_layers() == whole.observed_layers() == {0, 1, 2}
+
+
+def _uncoalesced(sparse_dims: int, dense_shape: tuple[int, ...]) -> Tensor:
+    """A COO tensor of shape (5,) * sparse_dims + dense_shape with 12 entries on at most 5 indices (duplicates)."""
+    g = torch.Generator().manual_seed(11)
+    indices = torch.randint(0, 5, (sparse_dims, 12), generator=g)
+    indices[:, 1] = indices[:, 0]  # at least one index held twice
+    values = torch.randn(12, *dense_shape, generator=g)
+    return torch.sparse_coo_tensor(indices, values, (5,) * sparse_dims + dense_shape)
+
+
+@pytest.mark.parametrize(("sparse_dims", "dense_shape"), [(1, (3,)), (2, ()), (2, (2,)), (1, ())])
+def test_sparse_sq_norm_of_uncoalesced_coo_sums_duplicates_first(sparse_dims: int, dense_shape: tuple[int, ...]) -> None:
+    """Test that the squared norm of an uncoalesced COO tensor equals that of its dense (coalesced) form."""
+    t = _uncoalesced(sparse_dims, dense_shape)
+    assert not t.is_coalesced()
+    expected = t.to_dense().double().square().sum()
+    assert t._values().double().square().sum() != pytest.approx(expected.item())  # duplicates matter here
+    torch.testing.assert_close(sparse_sq_norm(t), expected)
+    torch.testing.assert_close(sparse_sq_norm(t.coalesce()), expected)
+
+
+@pytest.mark.parametrize("layout", [torch.sparse_csr, torch.sparse_csc])
+def test_sparse_sq_norm_of_compressed_layouts(layout: torch.layout) -> None:
+    """Test that CSR and CSC tensors give the squared norm of their dense form."""
+    dense = _uncoalesced(2, ()).to_dense()
+    t = dense.to_sparse_csr() if layout == torch.sparse_csr else dense.to_sparse_csc()
+    torch.testing.assert_close(sparse_sq_norm(t), dense.double().square().sum())
+
+
+def test_grad_norms_mix_sparse_and_dense_gradients_in_order() -> None:
+    """Test that GradNorms takes sparse and dense gradients in one call, each norm at its own position."""
+    names = ["emb.weight", "fc.weight", "fc.bias"]
+    grads = [_uncoalesced(1, (3,)), torch.randn(2, 3), torch.randn(2)]
+    params = [torch.randn(5, 3), torch.randn(2, 3), torch.randn(2)]
+    norms = GradNorms(names)
+    norms.observe(range(3), grads, params, per_param=True)
+    expected = torch.stack([t.to_dense().double().square().sum() for t in grads])
+    torch.testing.assert_close(norms.param_grad, expected)
+    torch.testing.assert_close(norms.grad_sq, torch.stack([expected[0], expected[1:].sum()]))
 
 
 # ------------------------------------------------------------------------------------------------ model shapes
