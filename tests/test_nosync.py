@@ -138,16 +138,23 @@ def record_syncs_everywhere(monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncLog
     """``record_syncs`` on the training thread and around every job of the background writer (the modes are
     thread-local), into one log: a flush folds and copies to the host on the writer thread."""
     with record_syncs() as log:
-        submit = AsyncWriter.submit
+        submit, offer = AsyncWriter.submit, AsyncWriter.offer
 
-        def recorded_submit(self: AsyncWriter, job: Callable[[], None]) -> None:
+        def recorded(job: Callable[[], None]) -> Callable[[], None]:
             def run() -> None:
                 with record_syncs(log):
                     job()
 
-            submit(self, run)
+            return run
+
+        def recorded_submit(self: AsyncWriter, job: Callable[[], None], **kwargs: Any) -> None:
+            submit(self, recorded(job), **kwargs)
+
+        def recorded_offer(self: AsyncWriter, job: Callable[[], None]) -> bool:
+            return offer(self, recorded(job))
 
         monkeypatch.setattr(AsyncWriter, "submit", recorded_submit)
+        monkeypatch.setattr(AsyncWriter, "offer", recorded_offer)
         yield log
 
 

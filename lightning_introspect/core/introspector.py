@@ -28,6 +28,7 @@ import gc
 import math
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
@@ -89,6 +90,31 @@ class _Window(NamedTuple):
     extra: Tensor  # the non-finite-loss and bad-input counters
     interval: Tensor  # (1,) minus the proposed interval (reduced with "min" across ranks)
     grad_parts: list[Tensor]  # squared gradient, weight and update norms (see GradNorms.take)
+
+
+class _Reduce:
+    """A reduce of buffered per-example inputs, handed to the writer thread and run once, by whichever thread
+    comes first: the writer in its queue's order, or the training thread when it needs the store (an epoch
+    end, a checkpoint) and takes back, in the same order, the reduces the writer has not started. Taking the
+    job and running it are one step under the store's lock, so that a thread that finds it taken knows it is
+    done, and reduces are applied to the store in the order they were handed over."""
+
+    __slots__ = ("fn", "lock", "done")
+
+    def __init__(self, fn: Callable[[], None], lock: threading.Lock) -> None:
+        self.fn: Optional[Callable[[], None]] = fn
+        self.lock = lock
+        self.done = False
+
+    def __call__(self) -> None:
+        with self.lock:
+            fn, self.fn = self.fn, None  # dropped once run: its buffers are freed by whoever ran it
+            if fn is None:
+                return
+            try:
+                fn()
+            finally:
+                self.done = True
 
 
 class _HeldKey(NamedTuple):
@@ -249,7 +275,7 @@ class Introspector:
         # Buffered batches are reduced on the writer thread (see _drain_samples); the lock keeps the training
         # thread's own reads and writes of the store (bad-input counters, explicit drains) apart from them.
         self._reduce_lock = threading.Lock()
-        self._reduces_submitted = False
+        self._reduces: deque[_Reduce] = deque()  # handed to the writer, in order; possibly not run yet
         self._steps_since_flush = 0
         self._extras_cost = 0.0  # seconds the last epoch-end picture + suspects table took (writer thread)
         self._extras_done = -math.inf
@@ -530,6 +556,8 @@ class Introspector:
         does. Without ``offload`` (explicit flushes, epoch ends, checkpoints: the readers of the store) it runs
         here once every reduce handed off before it is done."""
         self._drain_losses()
+        if not offload:  # every reader of the store comes here first, even with nothing buffered since
+            self._wait_for_reduces()
         buf, self._sample_buf = self._sample_buf, []
         if not buf or self.store is None:
             return
@@ -539,10 +567,14 @@ class Introspector:
         if offload and not dist.is_distributed():
             device = self.store.device
             stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-            self._reduces_submitted = True
-            self.writer.submit(lambda: self._reduce_on_writer(raw, figs, stream), required=True)
+            reduces = self._reduces
+            while reduces and reduces[0].done:  # read without the lock: a stale False keeps one a while longer
+                reduces.popleft()
+            job = _Reduce(lambda: self._reduce_on_writer(raw, figs, stream), self._reduce_lock)
+            reduces.append(job)
+            if not self.writer.offer(job):  # a full queue or a closed writer: here, after those before it
+                self._wait_for_reduces()
             return
-        self._wait_for_reduces()
         with self._reduce_lock:
             self._reduce(raw, figs)
 
@@ -560,16 +592,19 @@ class Introspector:
                 [e[1].shape[0] for e in raws])
 
     def _wait_for_reduces(self) -> None:
-        """Blocks until the reduces handed to the writer thread are done (they are queued in order)."""
-        if self._reduces_submitted:
-            self._reduces_submitted = False
-            self.writer.drain()
+        """Runs here, in order, every reduce handed to the writer thread that it has not started, and waits for
+        the one it runs: the store is then complete. No wait for the writer's other jobs (figures, pictures),
+        and none that can time out: a slow or stuck writer cannot make an epoch end fold a partial epoch."""
+        reduces = self._reduces
+        while reduces:
+            reduces.popleft()()
 
     def _reduce_on_writer(self, raw: Optional[tuple], figs: list[tuple], stream: Any) -> None:
-        """A reduce on the writer thread (or on the training thread when the writer's queue is full or it is
-        closed); on CUDA on the training thread's stream, which produced the buffered tensors."""
+        """A reduce on the writer thread, or on the training thread when it waits for the store (see
+        :class:`_Reduce`, which holds the lock); on CUDA on the training thread's stream, which produced the
+        buffered tensors."""
         try:
-            with self._reduce_lock, torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+            with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
                 self._reduce(raw, figs)
         except Exception as err:  # inputs were checked when buffered: this is a bug or the device failing
             batches = len(figs) + (len(raw[3]) if raw is not None else 0)
@@ -858,9 +893,11 @@ class Introspector:
         arr = packed.cpu().numpy()
         return lambda: arr
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _submit(self, job: Callable[[], None], *, required: bool = False) -> None:
+        """Hands ``job`` to the writer thread (rank 0 only); a ``required`` one is never dropped (see
+        :meth:`AsyncWriter.submit`): the records on disk and the forgotten fraction need every epoch's."""
         if self.is_writer:
-            self.writer.submit(job)
+            self.writer.submit(job, required=required)
 
     # ------------------------------------------------------------------------------- writer thread (host)
     def _write_flush(self, host: Callable[[], Optional[np.ndarray]], meta: dict[str, Any]) -> None:
@@ -1079,7 +1116,7 @@ class Introspector:
         self._records = records
         self.epochs_done = epoch + 1
         meta = self._records_meta(epoch)
-        self._submit(lambda: self._write_epoch(records, means, meta, epoch, step))
+        self._submit(lambda: self._write_epoch(records, means, meta, epoch, step), required=True)
 
     def _records_meta(self, epoch: int) -> dict[str, Any]:
         return {
@@ -1193,11 +1230,16 @@ class Introspector:
         """Flushes what is pending, waits for the writer and closes the sinks (idempotent)."""
         self.end_step()
         self.flush()
-        self._submit(self._write_skipped_extras)
+        self._submit(self._write_skipped_extras, required=True)
+        if self.sinks:  # on the writer thread, after every job that writes to them
+            self.writer.submit(self._close_sinks, required=True)
         self.writer.close()
-        for sink in self.sinks:
+
+    def _close_sinks(self) -> None:
+        """Closes the sinks; on the writer thread, whose jobs read ``self.sinks`` when they run."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
             sink.close()
-        self.sinks = []
 
     def drain(self) -> None:
         """Waits until everything submitted so far is written."""
@@ -1207,9 +1249,13 @@ class Introspector:
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: schedule, dead-unit streaks, per-example store."""
-        self._drain_samples()
+        self._drain_samples()  # the per-example store is complete after it, however slow the writer
         self._submit_held()
-        self.writer.drain()  # a flush folded on the writer thread moves the streaks on: let it finish
+        if not self.writer.drain():  # a flush folded on the writer thread moves the streaks on: let it finish
+            self.writer.alert(
+                "lightning_introspect: the writer thread did not finish its jobs in time for a checkpoint (a slow or "
+                "hung log directory); the checkpoint's dead-unit streaks may miss the last flushes.", RuntimeWarning,
+            )
         return {
             "format": 1,
             "schedule": self.schedule.state_dict(),

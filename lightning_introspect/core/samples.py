@@ -385,7 +385,10 @@ class PerSampleStore:
                 getattr(self, k)[:old_n] = t
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {k: getattr(self, k).detach().cpu() for k in (*self._AGGREGATES, "epoch", "bad")}
+        # Copies even on CPU (where .cpu() is a no-op): training goes on updating the store in place.
+        state: dict[str, Any] = {
+            k: getattr(self, k).detach().to("cpu", copy=True) for k in (*self._AGGREGATES, "epoch", "bad")
+        }
         state["num_examples"] = self.num_examples
         state["epochs_folded"] = self.epochs_folded
         return state

@@ -42,6 +42,9 @@ class AsyncWriter:
     #: Longest a job waits for a window (see :meth:`window`) before it runs anyway: validation, a long data
     #: load or the end of training must not hold figures back.
     MAX_WINDOW_WAIT_S = 0.25
+    #: Longest :meth:`drain` and a ``required`` :meth:`submit` wait for the writer thread. A writer that takes
+    #: longer is stuck (a hung file system): training goes on, with a warning where figures may be missing.
+    REQUIRED_WAIT_S = 60.0
 
     def __init__(self, max_pending: int = 256, name: str = "lightning-introspect-writer") -> None:
         self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue(maxsize=max_pending)
@@ -63,16 +66,22 @@ class AsyncWriter:
 
     def submit(self, job: Callable[[], None], *, required: bool = False) -> None:
         """Queues ``job`` for the writer thread. When the queue is full, an ordinary job is dropped (and
-        counted); a ``required`` one (work whose result training reads later) runs on the caller's thread
-        instead, as it does once the writer is closed."""
+        counted); for a ``required`` one (records on disk, closing the sinks) the caller waits for room, so
+        that it still runs after the jobs before it, and runs it on its own thread only when the writer has
+        taken no job for ``REQUIRED_WAIT_S`` or is closed."""
         if required and (self._closed or not self._thread.is_alive()):
-            job()
+            self._execute(job)
             return
         try:
-            self._queue.put_nowait(job)
+            if required:
+                self._is_open = True
+                self._open.set()  # the caller waits: no reason to hold jobs back
+                self._queue.put(job, timeout=self.REQUIRED_WAIT_S)
+            else:
+                self._queue.put_nowait(job)
         except queue.Full:
             if required:
-                job()
+                self._execute(job)
                 return
             self.dropped += 1
             if self.dropped == 1:
@@ -80,6 +89,17 @@ class AsyncWriter:
                     "lightning_introspect: the writer fell behind and dropped a batch of figures; sample less "
                     "often (`every_n_steps`) or log fewer statistics.", RuntimeWarning,
                 )
+
+    def offer(self, job: Callable[[], None]) -> bool:
+        """Queues ``job`` for the writer thread if it runs and its queue has room; returns whether it did. A
+        job offered and refused is the caller's to run (see ``Introspector._wait_for_reduces``)."""
+        if self._closed or not self._thread.is_alive():
+            return False
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            return False
+        return True
 
     def busy(self) -> bool:
         """Whether a submitted job is queued or running (cheap; read without a lock)."""
@@ -127,31 +147,54 @@ class AsyncWriter:
             except Exception as err:  # a broken logger must not break training
                 self.alert(f"lightning_introspect: forwarding figures to a logger failed: {err!r}", RuntimeWarning)
 
-    def drain(self, timeout: float = 60.0) -> None:
-        """Blocks until every submitted job ran (flush points: epoch end, teardown, checkpoint)."""
+    def drain(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until every submitted job ran (flush points: epoch end, teardown, checkpoint); returns
+        whether they did, False after ``timeout`` (default ``REQUIRED_WAIT_S``) with jobs still pending."""
+        timeout = self.REQUIRED_WAIT_S if timeout is None else timeout
         if not self._thread.is_alive() or not self._queue.unfinished_tasks:
             # closed, or every job submitted so far has run (jobs are submitted from this thread, and the
             # count drops after a job ran): no round trip through the writer thread, whose wake-up costs
             # a step about 0.2 ms
             self.poll()
-            return
+            return True
         done = threading.Event()
         self._is_open = True
         self._open.set()  # the training thread waits here: no reason to hold jobs back
         try:
             self._queue.put(done.set, timeout=timeout)
         except queue.Full:
-            return
-        done.wait(timeout)
+            return False
+        finished = done.wait(timeout)
         self.poll()
+        return finished
 
     def close(self) -> None:
         if self._thread.is_alive():
             self.drain()
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=self.REQUIRED_WAIT_S)
+            except queue.Full:
+                pass
             self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                self.alert(
+                    "lightning_introspect: the writer thread was still busy when training ended (a slow or hung "
+                    "log directory); figures it had not written yet may be missing.", RuntimeWarning,
+                )
         self._closed = True
         self.poll()
+
+    def _execute(self, job: Callable[[], None]) -> None:
+        """Runs one job; its error becomes a warning (see the class docstring)."""
+        try:
+            job()
+        except Exception as err:
+            self.failures += 1
+            self.alert(
+                f"lightning_introspect could not write figures ({type(err).__name__}: {err}); training goes on "
+                "and figures already written are kept. Check free space and permissions of the log dir.",
+                RuntimeWarning,
+            )
 
     def _run(self) -> None:
         while True:
@@ -162,13 +205,6 @@ class AsyncWriter:
             if self._gated:
                 self._open.wait(self.MAX_WINDOW_WAIT_S)
             try:
-                job()
-            except Exception as err:
-                self.failures += 1
-                self.alert(
-                    f"lightning_introspect could not write figures ({type(err).__name__}: {err}); training goes on "
-                    "and figures already written are kept. Check free space and permissions of the log dir.",
-                    RuntimeWarning,
-                )
+                self._execute(job)
             finally:
                 self._queue.task_done()
