@@ -46,24 +46,23 @@ class UnitRule:
     high: float = math.inf
     magnitude: bool = False
 
-    def unit_scores(self, x: Tensor, unit_dim: int) -> tuple[Tensor, Optional[Tensor]]:
-        """(units,) scores, positive exactly for the units with a value in the active region (NaN: not), and
-        each unit's maximum of ``x`` when it came for free (else None). Launches kernels, reads nothing."""
-        if not x.is_floating_point() or x.element_size() < 4:
-            x = x.float()  # the region's edges in half precision would move
+    @property
+    def threshold(self) -> float:
+        """A value lies in the active region exactly when its :meth:`prepared` value exceeds this."""
+        return self.low if self.magnitude or math.isinf(self.high) else 0.0
+
+    def prepared(self, x: Tensor) -> Tensor:
+        """``x`` itself for a one-sided region (``low < v``), else mapped elementwise (``|x|``, or the distance
+        inside the interval) so that a unit's largest prepared value minus :attr:`threshold` is positive exactly
+        when one of its values lay in the region (NaN: not). Launches kernels, reads nothing."""
         if self.magnitude:
-            return _unit_amax(x.abs(), unit_dim) - self.low, None
+            return x.float().abs() if x.element_size() < 4 else x.abs()
         if math.isinf(self.high):
-            unit_max = _unit_amax(x, unit_dim)
-            return (unit_max - self.low if self.low else unit_max), unit_max
+            return x
+        if x.element_size() < 4:
+            x = x.float()  # the interval's edges would move in half precision
         mid, half = (self.low + self.high) / 2, (self.high - self.low) / 2
-        return _unit_amax((x - mid).abs_().neg_().add_(half), unit_dim), None
-
-
-def _unit_amax(x: Tensor, unit_dim: int) -> Tensor:
-    ud = unit_dim % x.ndim
-    dims = tuple(d for d in range(x.ndim) if d != ud)
-    return x.amax(dim=dims) if dims else x
+        return (x - mid).abs_().neg_().add_(half)
 
 
 GRADIENT_RULE = UnitRule("dead", "gradient", low=0.0, magnitude=True)
