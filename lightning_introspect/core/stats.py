@@ -126,7 +126,8 @@ class LayerStats:
 
     A hook calls :meth:`capture` with the layer output (a layer called twice in one forward is captured
     twice: the calls add). A capture reads every element twice on the device, for the exact minimum and for
-    each unit's maximum (dead units), whose maximum is the exact maximum (NaN/Inf show up in both, so a
+    each unit's maximum (dead units; a two-sided or magnitude rule maps the values first and takes the
+    maximum apart), whose maximum is the exact maximum (NaN/Inf show up in both, so a
     non-finite value is never missed), and copies a strided subsample of at most ``max_stat_elements``
     values for the mean, standard deviation, fraction of zeros, non-finite count and histogram: past a few
     thousand values more elements change these figures less than the step-to-step noise, and a sampled
