@@ -69,6 +69,7 @@ def select_layers(model: nn.Module, config: IntrospectConfig) -> list[tuple[str,
     names = [n for n, _ in named]
     uncalled = {f"{n}.out_proj" for n, m in named if isinstance(m, nn.MultiheadAttention)}
     uncalled -= set(config.layers or ())
+    left_out = [n for n in names if n in uncalled]
     named = [(n, m) for n, m in named if n not in uncalled]
     if config.layers is not None:
         for pattern in config.layers:
@@ -85,6 +86,8 @@ def select_layers(model: nn.Module, config: IntrospectConfig) -> list[tuple[str,
             f"No layer of {type(model).__name__} was selected: `layers`={config.layers!r} and `layer_types` "
             f"{[t.__name__ for t in config.layer_types][:6]}... match none of its modules (types here: {kinds}). "
             "Widen `layers` or add the types you want to `layer_types`."
+            + (f" Left out: {left_out[:4]} (never called: attention uses out_proj's weight directly; name one "
+               "exactly in `layers` to select it anyway)." if left_out else "")
         )
     return selected
 

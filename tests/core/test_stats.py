@@ -494,3 +494,54 @@ def test_layer_returning_no_tensor_is_skipped_with_a_warning() -> None:
     with pytest.warns(UserWarning, match=r"layer '0' returned .*not a floating-point tensor"):
         scalars = run_forwards(model, config(), [[torch.randn(4, 3)], [torch.randn(4, 3)]])
     assert not any(t.endswith("/0") and t.startswith("activation_") for t in scalars)
+
+
+@pytest.mark.parametrize(
+    "module, fires, still",
+    [
+        (nn.ReLU(), [0.0, 1e-3], [0.0, -5.0]),
+        (nn.ReLU6(), [6.0, 5.9], [6.0, 0.0]),  # pinned at 6 or 0: no gradient either way
+        (nn.Hardswish(), [0.0, -0.3], [0.0, 0.0]),
+        (nn.Tanh(), [0.999, 0.99], [0.999, -0.9999]),  # |y| > sqrt(0.99) = 0.99499 is saturated
+        (nn.Sigmoid(), [0.001, 0.01], [0.001, 0.999]),
+        (nn.Hardtanh(), [1.0, 0.5], [1.0, -1.0]),
+        (nn.Hardsigmoid(), [0.0, 0.5], [0.0, 1.0]),
+        (nn.Threshold(0.5, 0.0), [0.0, 0.6], [0.0, 0.0]),
+    ],
+    ids=["relu", "relu6", "hardswish", "tanh", "sigmoid", "hardtanh", "hardsigmoid", "threshold"],
+)
+def test_a_unit_fires_exactly_when_an_output_lies_in_its_activations_active_region(
+    module: nn.Module, fires: list[float], still: list[float]
+) -> None:
+    """Test each activation's rule on two units fed two outputs each: unit 0 with ``fires`` (one value inside the
+    active region) fires, unit 1 with ``still`` (both outside) does not."""
+    from lightning_introspect.core.units import unit_rule
+
+    rule = unit_rule(module)
+    assert rule is not None and rule.source == "output"
+    st = LayerStats("l", unit_dim=-1, dead_threshold=0.0, zero_threshold=0.0, rule=rule)
+    x = torch.tensor([fires, still]).T.contiguous()  # (2 outputs, 2 units)
+    assert st.update(x, moments=True, dead=True, histogram=False, max_hist_elements=64)
+    assert st.fired is not None and st.fired.tolist() == [1.0, 0.0]
+    assert st.mins is not None and -st.mins[1].item() == pytest.approx(x.max().item())  # the exact maximum
+
+
+@pytest.mark.parametrize("module", [nn.ELU(), nn.GELU(), nn.LeakyReLU(), nn.SiLU(), nn.Softplus(), nn.PReLU()])
+def test_activations_that_pass_gradient_everywhere_are_not_judged(module: nn.Module) -> None:
+    """Test that activations with no region without gradient have no rule, and others fall back to the gradient."""
+    from lightning_introspect.core.units import GRADIENT_RULE, unit_rule
+
+    assert unit_rule(module) is None
+    assert unit_rule(nn.Linear(2, 2)) == GRADIENT_RULE and unit_rule(nn.LeakyReLU(0.0)) is not None
+
+
+def test_multihead_attention_is_selected_and_its_out_proj_is_not() -> None:
+    """Test that default selection keeps an nn.MultiheadAttention and leaves out its never-called out_proj, unless
+    ``layers`` names it exactly."""
+    from lightning_introspect.core.hooks import select_layers
+
+    model = nn.Sequential(nn.MultiheadAttention(4, 1), nn.Linear(4, 4))
+    assert [n for n, _ in select_layers(model, IntrospectConfig())] == ["0", "1"]
+    with pytest.raises(ValueError, match=r"Left out: \['0.out_proj'\] \(never called"):
+        select_layers(model, IntrospectConfig(layers=["0.*"]))
+    assert [n for n, _ in select_layers(model, IntrospectConfig(layers=["0.out_proj"]))] == ["0.out_proj"]
