@@ -68,10 +68,17 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``activation_zero_fraction/{l}``  sampled     share of outputs with ``|x| <= zero_threshold``
     ``activation_nonfinite/{layer}``  sampled     count of NaN/Inf outputs
     ``activation_hist/{layer}``       sampled     histogram (bucket counts computed on the device)
-    ``dead_fraction/{layer}``         sampled     share of units that never exceeded ``dead_threshold``
-                                                  over the last ``dead_window`` sampled steps
+    ``dead_fraction/{layer}``         sampled     share of units that passed no gradient in the last
+                                                  ``dead_window`` sampled steps where judged: ReLU-like
+                                                  modules by their output, other layers by the gradient
+                                                  reaching them (see ``dead_threshold``)
     ``dead_count/{layer}``            sampled     number of such units
     ``dead_windows/{layer}``          sampled     how many windows the longest-dead unit has stayed dead
+    ``saturated_fraction/{layer}``    sampled     Tanh, Sigmoid, Softsign, Hardtanh, Hardsigmoid: share of
+                                                  units whose every output in the last ``dead_window``
+                                                  sampled steps was saturated (derivative < 1 % of its peak)
+    ``saturated_count/{layer}``,      sampled     number of such units; how many windows the longest-
+    ``saturated_windows/{layer}``                 saturated unit has stayed saturated
     ``grad_norm/global``              sampled     L2 norm of all gradients (after AMP unscaling, before
                                                   gradient clipping)
     ``grad_norm/global_clipped``      sampled     the same after clipping: the norm the optimizer step
@@ -98,7 +105,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                                                   logits (see ``README``: what was done with the rows)
     ================================  ==========  ======================================================
 
-    Cost: hooks only on sampled steps, 3-4 kernels per layer call on a strided subsample of at most 4,096
+    Cost: hooks only on sampled steps, 3-4 kernels per layer call (5-6 for a saturating activation, and one
+    or two in the backward pass for a layer judged by its gradient) on a strided subsample of at most 4,096
     values; the captures of all layers are folded together on a background thread while the next backward
     pass runs (on the training thread under DDP, for its all-reduce); every device-to-host copy happens at a
     flush (once per sampled step, one batched copy, asynchronous on CUDA) or at an epoch end; writing runs on
@@ -115,14 +123,22 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             says so. How it is measured: :class:`~lightning_introspect.core.schedule.SamplingSchedule`.
         layers: fnmatch patterns of module names to watch (``["encoder.*", "head"]``); None = all modules of
             ``layer_types``.
-        layer_types: module types watched (default: Linear, Conv*, and activation modules).
+        layer_types: module types watched (default: Linear, Conv*, MultiheadAttention and activation modules).
+            Selected layers that no sampled step of the first epoch called are named in one warning.
         max_rows: rows of each layer output used per call (the batch is cut, not sampled).
         activations, histograms, dead_units, grad_norms, param_grad_norms, update_ratios: per-statistic switches.
         histogram_every_n_samples: histograms on every k-th sampled step only.
-        dead_threshold: a unit fires when its value exceeds this (0: the ReLU rule). On a Linear/Conv layer
-            followed by a functional activation (``F.relu`` in ``forward``), the rule is applied to the
-            layer's pre-activation output: a unit is dead when its pre-activation never exceeded 0.
-        dead_window: a unit is dead when it did not fire in the last ``dead_window`` sampled steps.
+        dead_threshold: the edge of the ReLU rule: a ReLU, ReLU6 or LeakyReLU(0) unit fires when its output
+            exceeds this (default 0; ReLU6 also stays below 6, a unit pinned at 6 passes no gradient either).
+            Each activation has its own rule (:mod:`lightning_introspect.core.units`): Threshold and Hardswish
+            are dead on their flat region; Tanh, Sigmoid, Softsign, Hardtanh and Hardsigmoid are logged as
+            ``saturated_*`` instead; LeakyReLU, PReLU, RReLU, ELU, CELU, SELU, GELU, SiLU, Mish and Softplus pass
+            gradient everywhere and are not judged. A Linear/Conv (any other layer) that no watched
+            activation module follows, e.g. ``F.relu(self.fc(x))``, is judged by the gradient reaching its
+            output: a unit is dead when that gradient was exactly 0 for every input (behind ``F.relu``, its
+            pre-activation never exceeded 0; behind ``F.gelu`` or ``torch.tanh``, never a false dead unit).
+        dead_window: a unit is dead (saturated) when it did not fire in the last ``dead_window`` sampled steps
+            in which its layer was judged.
         zero_threshold: ``|x| <= zero_threshold`` counts as zero.
         sample_dynamics: per-example dynamics: None = on when sample ids are found (``WithIndex``), True =
             required (error if ids are missing), False = off.

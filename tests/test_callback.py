@@ -115,8 +115,10 @@ def test_documented_tags_match_a_full_run(tmp_path: Path) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        fit("lightning.pytorch", tmp_path, cb, max_steps=25, model=classifier(poison_steps=(24,)),
-            extra_callbacks=[DrainWriter()], gradient_clip_val=1e3)
+        model = classifier(poison_steps=(24,))
+        model.net[4] = torch.nn.Tanh()  # a saturating activation as well: its saturated_* tags
+        fit("lightning.pytorch", tmp_path, cb, max_steps=25, model=model, extra_callbacks=[DrainWriter()],
+            gradient_clip_val=1e3)
     logged = read_events(tmp_path / "version_0").tags()
     missing = [d for d, rx in patterns.items() if not any(rx.match(t) for t in logged)]
     undocumented = sorted(t for t in logged if not any(rx.match(t) for rx in patterns.values()))

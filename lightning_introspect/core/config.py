@@ -9,12 +9,13 @@ from torch import nn
 
 ACTIVATION_TYPES: Tuple[Type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
+    nn.Hardswish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign, nn.Threshold,
 )
-#: Layers monitored by default: weight layers and activation modules.
+#: Layers monitored by default: weight layers, attention modules (their output: ``out_proj`` is never called,
+#: attention uses its weight directly) and activation modules.
 DEFAULT_LAYER_TYPES: Tuple[Type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    *ACTIVATION_TYPES,
+    nn.MultiheadAttention, *ACTIVATION_TYPES,
 )
 
 

@@ -6,6 +6,7 @@ model untouched. Hooks launch kernels and never read their results.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -14,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import ACTIVATION_TYPES, IntrospectConfig
 from .stats import LayerStats
+from .units import unit_rule
 
 _CHANNEL_FIRST = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -58,11 +60,17 @@ def plain_name(name: str) -> str:
 
 def select_layers(model: nn.Module, config: IntrospectConfig) -> list[tuple[str, nn.Module]]:
     """Modules to monitor: those named by ``config.layers`` patterns (fnmatch on qualified names, e.g.
-    ``"encoder.*"``), of the types in ``config.layer_types``. Raises ValueError naming the fix when a
-    pattern matches nothing or nothing is selected."""
+    ``"encoder.*"``), of the types in ``config.layer_types``. The ``out_proj`` of an ``nn.MultiheadAttention``
+    is left out unless ``layers`` names it exactly: attention uses its weight directly and never calls it (the
+    attention module's own output is watched instead). Raises ValueError naming the fix when a pattern
+    matches nothing or nothing is selected."""
     # A compiled module and the module it wraps share a plain name: the wrapped (eager) one is kept.
     named = list({plain_name(n): m for n, m in model.named_modules() if plain_name(n)}.items())
     names = [n for n, _ in named]
+    uncalled = {f"{n}.out_proj" for n, m in named if isinstance(m, nn.MultiheadAttention)}
+    uncalled -= set(config.layers or ())
+    left_out = [n for n in names if n in uncalled]
+    named = [(n, m) for n, m in named if n not in uncalled]
     if config.layers is not None:
         for pattern in config.layers:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -78,8 +86,16 @@ def select_layers(model: nn.Module, config: IntrospectConfig) -> list[tuple[str,
             f"No layer of {type(model).__name__} was selected: `layers`={config.layers!r} and `layer_types` "
             f"{[t.__name__ for t in config.layer_types][:6]}... match none of its modules (types here: {kinds}). "
             "Widen `layers` or add the types you want to `layer_types`."
+            + (f" Left out: {left_out[:4]} (never called: attention uses out_proj's weight directly; name one "
+               "exactly in `layers` to select it anyway)." if left_out else "")
         )
     return selected
+
+
+def _grad_hook(stats: LayerStats, max_rows: int, grad: Tensor) -> None:
+    """Tensor hook on a judged layer's output: folds the gradient reaching it (first ``max_rows`` rows, as the
+    forward hook) into the layer's unit scores; the gradient passes on unchanged."""
+    stats.capture_grad(grad[:max_rows] if grad.ndim > 1 else grad)
 
 
 class HookSet:
@@ -104,6 +120,7 @@ class HookSet:
         self.histogram = config.histograms
         self.dead_layers: Optional[set[str]] = None  # layers whose units are judged; None: not decided yet, all
         self.order: list[str] = []
+        self.called: set[str] = set()  # layers called on some sampled step (or skipped: see on_skip)
         self._handles: list[RemovableHandle] = []
         self._hooks: dict[str, Callable[..., None]] = {}  # made once: attaching on every sampled step is cheap
         self._last_unit_dim = -1
@@ -138,10 +155,11 @@ class HookSet:
     def _make_hook(self, name: str, module: nn.Module) -> Callable[..., None]:
         fixed_unit_dim = unit_dim_of(module)
         cfg = self.config
+        rule = unit_rule(module, cfg.dead_threshold)
 
         @torch.no_grad()
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
-            x = first_tensor(output)
+            x = out = first_tensor(output)
             if x is None or not (x.is_floating_point() or x.is_complex()):
                 self.on_skip(name, f"returned {type(output).__name__}, not a floating-point tensor")
                 return
@@ -159,16 +177,20 @@ class HookSet:
                     if x.ndim >= 4 and self._last_unit_dim == -1:
                         ud = 1
                 st = self.stats[name] = LayerStats(
-                    name, unit_dim=ud, dead_threshold=cfg.dead_threshold, zero_threshold=cfg.zero_threshold
+                    name, unit_dim=ud, dead_threshold=cfg.dead_threshold, zero_threshold=cfg.zero_threshold,
+                    rule=rule,
                 )
             if fixed_unit_dim is not None:
                 self._last_unit_dim = fixed_unit_dim
             if name not in self.order:
                 self.order.append(name)
-            dead = cfg.dead_units and (self.dead_layers is None or name in self.dead_layers)
+                self.called.add(name)
+            dead = rule is not None and cfg.dead_units and (self.dead_layers is None or name in self.dead_layers)
             ok = st.capture(x, moments=cfg.activations, dead=dead, max_stat_elements=cfg.max_stat_elements)
             if not ok:
                 self.on_skip(name, f"changed its number of units (now {tuple(x.shape)})")
+            elif dead and st.rule.source == "gradient" and out.requires_grad:
+                out.register_hook(functools.partial(_grad_hook, st, cfg.max_rows))
 
         # Under torch.compile the hook runs eagerly: Dynamo would otherwise trace it and recompile it per layer
         # name and output shape. The compiled module keeps two cached graphs (with and without hooks), so

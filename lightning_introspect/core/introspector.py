@@ -45,6 +45,7 @@ from .hooks import HookSet, plain_name, select_layers
 from .samples import BAD_INPUT_NAMES, PerSampleStore, bad_input_message, classification_figures, sequence_figures
 from .schedule import SamplingSchedule, quantize_interval
 from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
+from .units import unit_rule
 from ..sinks.base import AsyncWriter
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,6 +75,8 @@ FOLD_BATCH = 8
 _ACTIVATION_TAGS = ("activation_mean", "activation_std", "activation_min", "activation_max",
                     "activation_zero_fraction", "activation_nonfinite")
 _DEAD_TAGS = ("dead_fraction", "dead_count", "dead_windows")
+_SATURATED_TAGS = ("saturated_fraction", "saturated_count", "saturated_windows")
+_UNIT_TAGS = {"dead": _DEAD_TAGS, "saturated": _SATURATED_TAGS}
 _GRAD_TAGS = ("grad_norm", "grad_to_weight", "update_to_weight")
 _PARAM_TAGS = ("param_grad_norm",)
 _GLOBAL_GRAD_TAGS = ("grad_norm/global", "grad_norm/global_clipped")  # not layers
@@ -175,6 +178,11 @@ def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
             "dead count": ["Multiline", [r"^dead_count/"]],
             "windows the longest-dead unit has stayed dead": ["Multiline", [r"^dead_windows/"]],
         }
+        layout["Saturated units (one line per layer)"] = {
+            "saturated fraction": ["Multiline", [r"^saturated_fraction/"]],
+            "saturated count": ["Multiline", [r"^saturated_count/"]],
+            "windows the longest-saturated unit has stayed saturated": ["Multiline", [r"^saturated_windows/"]],
+        }
     if config.grad_norms:
         # The global norm is apart: on one axis with the layers it is the largest line and squashes them.
         charts = {"gradient L2 norm (global)": ["Multiline", [r"^grad_norm/global(_clipped)?$"]],
@@ -233,7 +241,7 @@ class Introspector:
         self.layer_stats: dict[str, LayerStats] = {}
         self._skipped: dict[str, str] = {}
         self.hooks = HookSet(self.layers, self.layer_stats, config, self._on_skip)
-        self._folder = CaptureFolder(config.zero_threshold, config.dead_threshold, config.max_histogram_elements)
+        self._folder = CaptureFolder(config.zero_threshold, config.max_histogram_elements)
         named = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
         self.grad = GradNorms([n for n, _ in named])
         self._param_pos = {id(p): i for i, (_, p) in enumerate(named)}
@@ -267,7 +275,8 @@ class Introspector:
         self._records: Optional[dict[str, np.ndarray]] = None
         self._prev_forgets: Optional[np.ndarray] = None
         self._pending_state: Optional[dict[str, Any]] = None
-        self._dead_layers: Optional[set[str]] = None
+        self._dead_layers: Optional[dict[str, str]] = None
+        self._uncalled_checked = False
         self._sample_buf: list[tuple] = []
         self._raw_sig: Optional[tuple] = None  # shapes, dtypes and device of the last batch checked as "raw"
         self._loss_buf: list[Tensor] = []
@@ -761,7 +770,8 @@ class Introspector:
                 self._apply_interval(proposed, interval if distributed and reduced else None)
         meta = {
             "step": step,
-            "layers": [(n, c.units, c.count > 0, self._windows(st)) for (n, st), c in zip(layers, captures)],
+            "layers": [(n, c.units, c.count > 0, st.judged_windows + bool(c.unit_max))
+                       for (n, st), c in zip(layers, captures)],
             "grad_layers": grad_layers,
             "grad_observed": grad_observed,
             "grad_updated": grad_updated,
@@ -775,9 +785,10 @@ class Introspector:
             "interval": self.schedule.interval,
             "overhead": self.schedule.expected_overhead(),
         }
-        for _, st in layers:
+        for (_, st), c in zip(layers, captures):
             st.reset()
             st.windows_seen += 1
+            st.judged_windows += bool(c.unit_max)
         if not counters_only:
             self.samples_flushed += 1
         if distributed:
@@ -832,7 +843,7 @@ class Introspector:
         folded: dict[str, Tensor] = {}
         if L:
             folded = self._folder.fold([c for w in windows for c in w.captures], histogram)  # window-major rows
-            sum_parts = [folded["sums"], folded["fired"], folded["hist"]]
+            sum_parts = [folded["sums"], folded["fired"], folded["hist"], folded["judged"]]
             min_parts = [folded["mins"]]
         reduced = True
         if distributed:
@@ -844,21 +855,23 @@ class Introspector:
                 dist.reduce_([*min_parts, window.interval], "min")
         out: list[Tensor] = []
         if L:
-            # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it.
+            # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it,
+            # in the windows where their layer was judged (had unit scores on some rank); elsewhere it stays.
             fired = folded["fired"].view(K, U)
+            unit_layer = self._folder._index(
+                ("unit_layer", tuple(units)), lambda: [li for li, u in enumerate(units) for _ in range(u)], device
+            )
+            judged = folded["judged"].view(K, L).index_select(1, unit_layer) > 0
             streak = torch.cat([st.streak.to(device) for st in sts])  # type: ignore[union-attr]
             zero = streak.new_zeros(())
             streaks = []
             for k in range(K):
-                streak = torch.where(fired[k] > 0, zero, streak + 1)
+                streak = torch.where(fired[k] > 0, zero, streak + judged[k])
                 streaks.append(streak)
             for st, piece in zip(sts, streak.split(units)):
                 st.streak = piece
             S = torch.stack(streaks)
             w = cfg.dead_window
-            unit_layer = self._folder._index(
-                ("unit_layer", tuple(units)), lambda: [li for li, u in enumerate(units) for _ in range(u)], device
-            )
             zeros = torch.zeros(K, L, dtype=torch.float64, device=device)
             dead_count = zeros.index_add(1, unit_layer, (S >= w).double())
             dead_windows = zeros.scatter_reduce(
@@ -869,10 +882,6 @@ class Introspector:
                 torch.stack([w.interval for w in windows])]
         out += [torch.stack(parts) for parts in zip(*(w.grad_parts for w in windows))]
         return torch.cat([t.reshape(K, -1).to(device, torch.float64) for t in out], 1), reduced
-
-    @staticmethod
-    def _windows(st: LayerStats) -> int:
-        return st.windows_seen + 1
 
     def _to_host(self, packed: Optional[Tensor]) -> Callable[[], Optional[np.ndarray]]:
         """One batched device-to-host copy. On CUDA it is asynchronous (pinned buffer + event): the writer
@@ -936,9 +945,10 @@ class Introspector:
             if cfg.dead_units:
                 for i, name in zip(live.tolist(), names):
                     _, units, _, windows = meta["layers"][i]
-                    if windows >= cfg.dead_window and units and name in meta["dead_layers"]:
+                    group = meta["dead_layers"].get(name)
+                    if windows >= cfg.dead_window and units and group is not None:
                         dead_count, dead_windows = dead[i].tolist()
-                        t_frac, t_count, t_windows = self._tags(name, _DEAD_TAGS)
+                        t_frac, t_count, t_windows = self._tags(name, _UNIT_TAGS[group])
                         scalars[t_frac] = dead_count / units
                         scalars[t_count] = dead_count
                         scalars[t_windows] = dead_windows
@@ -1042,25 +1052,30 @@ class Introspector:
             for sink in self.sinks:
                 sink.add_text("alerts/bad_input", message, step)
 
-    def _judged_dead_layers(self) -> set[str]:
-        """Layers whose units are judged dead or alive (decided at the first flush, from the forward order).
+    def _judged_dead_layers(self) -> dict[str, str]:
+        """Layers whose units are judged, each with its tag group, "dead" or "saturated" (decided at the first
+        flush, from the forward order; the rules: :mod:`~lightning_introspect.core.units`).
 
-        With activation modules selected, only they are judged (the layer before each would repeat the same
-        units). Without any (functional activations), the weight layers are judged on their pre-activation,
-        except the last one in forward order: it gives the logits, which no activation follows. Layers picked
-        by name with ``layers=`` are all judged.
+        An activation module is judged by its type's rule (none for activations that pass gradient
+        everywhere). Any other layer is judged by the gradient reaching its output, unless a watched activation
+        module comes right after it in forward order: that module judges the same units.
         """
         if self._dead_layers is None and self.hooks.order:
-            names = [n for n, _ in self.layers]
-            if self.config.layers is not None:
-                judged = set(names)
-            else:
-                acts = {n for n, m in self.layers if isinstance(m, ACTIVATION_TYPES)}
-                order = self.hooks.order
-                judged = acts or (set(order[:-1]) if len(order) > 1 else set(order))
+            order = self.hooks.order
+            acts = {n for n, m in self.layers if isinstance(m, ACTIVATION_TYPES)}
+            judged: dict[str, str] = {}
+            for name, module in self.layers:
+                rule = unit_rule(module, self.config.dead_threshold)
+                if rule is None:
+                    continue
+                if rule.source == "gradient" and name in order:
+                    i = order.index(name)
+                    if i + 1 < len(order) and order[i + 1] in acts:
+                        continue
+                judged[name] = rule.tag
             self._dead_layers = judged
-            self.hooks.dead_layers = judged
-        return self._dead_layers or set()
+            self.hooks.dead_layers = set(judged)
+        return self._dead_layers or {}
 
     def _start_diagnosis(self) -> None:
         self._diagnose = DIAGNOSE_STEPS
@@ -1099,6 +1114,7 @@ class Introspector:
         atomically and the epoch's TensorBoard entries. Every rank must call it."""
         self.writer.poll()
         self.flush()
+        self._warn_uncalled_layers()
         self._drain_samples()
         self.schedule.pause()
         store = self.store
@@ -1117,6 +1133,24 @@ class Introspector:
         self.epochs_done = epoch + 1
         meta = self._records_meta(epoch)
         self._submit(lambda: self._write_epoch(records, means, meta, epoch, step), required=True)
+
+    def _warn_uncalled_layers(self) -> None:
+        """Once, at the first epoch end after a sampled step: names the selected layers that no sampled step
+        called (they have no statistics at all)."""
+        if self._uncalled_checked or not self.layers or self.samples_flushed == 0:
+            return
+        self._uncalled_checked = True
+        missing = [n for n, _ in self.layers if n not in self.hooks.called and n not in self._skipped]
+        if missing and self.is_writer:
+            self.writer.alert(
+                f"lightning_introspect: {len(missing)} selected layer(s) were not called on any of the "
+                f"{self.samples_flushed} sampled step(s) so far and have no statistics: {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}. A parent module may use their weights directly, or they sit "
+                "on a branch training does not take. Select modules that are called with `layers=` (name "
+                "patterns) or `layer_types=`.",
+                UserWarning, key="uncalled layers",
+            )
+            self.writer.poll()
 
     def _records_meta(self, epoch: int) -> dict[str, Any]:
         return {
@@ -1272,9 +1306,11 @@ class Introspector:
             raise ValueError(f"unknown lightning_introspect state format {state.get('format')!r}.")
         self.schedule.load_state_dict(state["schedule"])
         for name, st_state in state["layers"].items():
+            module = dict(self.layers).get(name)
             st = LayerStats(
                 name, unit_dim=st_state["unit_dim"], dead_threshold=self.config.dead_threshold,
                 zero_threshold=self.config.zero_threshold,
+                rule=None if module is None else unit_rule(module, self.config.dead_threshold),
             )
             st.load_state_dict(st_state)
             self.layer_stats[name] = st

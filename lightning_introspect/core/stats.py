@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .units import UnitRule
+
 # ----------------------------------------------------------------------------------------------------------
 # Histogram buckets: fixed, sign-symmetric, exponentially spaced (TensorBoard's own legacy scheme, coarser).
 # Fixed edges make histograms of different steps, calls and ranks add exactly, and need no min/max read.
@@ -124,24 +126,32 @@ class LayerStats:
 
     A hook calls :meth:`capture` with the layer output (a layer called twice in one forward is captured
     twice: the calls add). A capture reads every element twice on the device, for the exact minimum and for
-    each unit's maximum (dead units), whose maximum is the exact maximum (NaN/Inf show up in both, so a
+    each unit's maximum (dead units; a two-sided or magnitude rule maps the values first and takes the
+    maximum apart), whose maximum is the exact maximum (NaN/Inf show up in both, so a
     non-finite value is never missed), and copies a strided subsample of at most ``max_stat_elements``
     values for the mean, standard deviation, fraction of zeros, non-finite count and histogram: past a few
     thousand values more elements change these figures less than the step-to-step noise, and a sampled
     step's cost stays bounded whatever the layer's size. At the flush, :class:`CaptureFolder` folds the
     captures of all layers at once, in a fixed number of kernels.
 
+    A unit *fires* in a call when a value lies in the active region of the layer's :class:`UnitRule` (default:
+    the ReLU rule, above ``dead_threshold``); a gradient rule's scores come from :meth:`capture_grad`.
+
     ``update`` = capture + fold into this layer's own buffers (``sums`` = [sum, sum of squares, zeros,
-    non-finite], ``mins`` = [min, -max], ``fired`` = per unit, in how many calls it exceeded the threshold,
-    ``hist`` = bucket counts). ``streak`` (persistent) = per unit, for how many consecutive flushes it has
-    not fired.
+    non-finite], ``mins`` = [min, -max], ``fired`` = per unit, in how many calls it fired,
+    ``hist`` = bucket counts). ``streak`` (persistent) = per unit, for how many consecutive judged flushes it
+    has not fired (a flush with no score, e.g. no backward pass for a gradient rule, leaves it as it is).
     """
 
-    def __init__(self, name: str, *, unit_dim: int, dead_threshold: float, zero_threshold: float) -> None:
+    def __init__(
+        self, name: str, *, unit_dim: int, dead_threshold: float, zero_threshold: float,
+        rule: Optional[UnitRule] = None,
+    ) -> None:
         self.name = name
         self.unit_dim = unit_dim
         self.dead_threshold = dead_threshold
         self.zero_threshold = zero_threshold
+        self.rule = rule if rule is not None else UnitRule("dead", low=dead_threshold)
         self.count = 0  # subsampled elements since the last flush (host int: a shape, never a device read)
         self.calls = 0
         self.units: Optional[int] = None
@@ -152,6 +162,7 @@ class LayerStats:
         self.hist: Optional[Tensor] = None
         self.streak: Optional[Tensor] = None
         self.windows_seen = 0  # flushes (dead-unit windows) this layer took part in
+        self.judged_windows = 0  # flushes in which its units were judged (had scores)
         self.subs: list[Tensor] = []
         self.lows: list[Tensor] = []
         self.highs: list[Tensor] = []
@@ -185,13 +196,34 @@ class LayerStats:
         self.count += self.subs[-1].numel()
         # Two passes over x: its minimum, and each unit's maximum, whose maximum is x's (a NaN carries through
         # both). On a 64x16x16x16 CPU output, torch.aminmax and the units' maxima took 59 us; these take 33.
-        unit_max = unit_amax(x, self.unit_dim) if dead else None
-        if unit_max is not None:
-            self.unit_max.append(unit_max)
+        unit_max = None
+        if dead and self.rule.source == "output":
+            v = self.rule.prepared(x)
+            maxima = self._unit_scores(v)
+            if v is x:  # the units' maxima of x itself: their maximum is x's
+                unit_max = maxima
         if moments:
             self.lows.append(x.amin())
             self.highs.append(x.amax() if unit_max is None else unit_max.amax())
         return True
+
+    @torch.no_grad()
+    def capture_grad(self, grad: Tensor) -> None:
+        """Keeps the unit scores of the gradient reaching the layer's output (a gradient rule, called from a
+        tensor hook during backward); one kernel or two, no read."""
+        if self.rule.source != "gradient" or self.units is None or grad.ndim == 0:
+            return
+        if grad.shape[self.unit_dim % grad.ndim] != self.units:
+            return
+        self._unit_scores(self.rule.prepared(grad.detach()))
+
+    def _unit_scores(self, v: Tensor) -> Tensor:
+        """Keeps (units,) scores of the prepared values ``v``, positive exactly for the units that fired; returns
+        the units' maxima of ``v``."""
+        unit_max = unit_amax(v, self.unit_dim)
+        scores = unit_max - self.rule.threshold if self.rule.threshold else unit_max
+        self.unit_max.append(scores)
+        return unit_max
 
     def clear_captures(self) -> None:
         self.subs, self.lows, self.highs, self.unit_max = [], [], [], []
@@ -220,7 +252,7 @@ class LayerStats:
             self.fired = torch.zeros(self.units, dtype=torch.float32, device=self.device)
             self.hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=self.device)
         assert self.mins is not None and self.fired is not None and self.hist is not None
-        folder = CaptureFolder(self.zero_threshold, self.dead_threshold, max_hist_elements)
+        folder = CaptureFolder(self.zero_threshold, max_hist_elements)
         folded = folder.fold([self.take_captures()], histogram)
         self.sums.add_(folded["sums"][0])
         torch.minimum(self.mins, folded["mins"][0], out=self.mins)
@@ -243,6 +275,7 @@ class LayerStats:
         return {
             "unit_dim": self.unit_dim,
             "windows_seen": self.windows_seen,
+            "judged_windows": self.judged_windows,
             "streak": None if self.streak is None else self.streak.detach().cpu(),
         }
 
@@ -250,6 +283,7 @@ class LayerStats:
         streak = state.get("streak")
         self.streak = None if streak is None else streak.clone()
         self.windows_seen = int(state.get("windows_seen", 0))
+        self.judged_windows = int(state.get("judged_windows", self.windows_seen))
 
 
 @dataclass
@@ -279,12 +313,11 @@ class CaptureFolder:
     non-finite counts go into an (L, 4) table with one ``index_add_`` keyed by each element's layer; minima
     and maxima with one ``scatter_reduce_``; firing counts into one flat (units of all layers) vector;
     histogram buckets into one (L, HIST_BINS) table. Index tensors depend only on the shapes of the captures
-    and are cached.
+    and are cached. A unit fires in a call when its score (see :meth:`UnitRule.unit_scores`) is positive.
     """
 
-    def __init__(self, zero_threshold: float, dead_threshold: float, max_hist_elements: int) -> None:
+    def __init__(self, zero_threshold: float, max_hist_elements: int) -> None:
         self.zero_threshold = zero_threshold
-        self.dead_threshold = dead_threshold
         self.max_hist_elements = max_hist_elements
         self._cache: dict[tuple, Tensor] = {}
 
@@ -301,7 +334,7 @@ class CaptureFolder:
     def fold(self, layers: Sequence[Captures], histogram: bool) -> dict[str, Tensor]:
         """Per-layer figures of the captured window, layer-major in the order of ``layers``: ``sums`` (L, 4)
         float64, ``mins`` (L, 2) float32 [min, -max], ``fired`` (sum of units,) float32, ``hist`` (L, BINS)
-        float64."""
+        float64, ``judged`` (L,) float32 (calls with unit scores)."""
         L = len(layers)
         device = next((st.device for st in layers if st.device is not None), torch.device("cpu"))
         units = [st.units or 0 for st in layers]
@@ -360,8 +393,10 @@ class CaptureFolder:
                 return [offsets[li] + j for li, n in key for j in range(n)]
 
             idx = self._index(("fired", key, tuple(units)), positions, device)
-            fired = (torch.cat([m for _, m in maxes]) > self.dead_threshold).float()
+            fired = (torch.cat([m for _, m in maxes]) > 0).float()
             out["fired"].index_add_(0, idx, fired)
+        judged = tuple(len(st.unit_max) for st in layers)
+        out["judged"] = self._index(("judged", judged), lambda: list(judged), device).float()
         return out
 
 

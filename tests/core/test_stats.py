@@ -29,8 +29,9 @@ def config(**kwargs: Any) -> IntrospectConfig:
 
 
 def run_forwards(model: nn.Module, cfg: IntrospectConfig, batches: Sequence[Sequence[Tensor]],
-                 sinks: Sequence[Any] = ()) -> Scalars:
-    """Step ``s`` runs one forward per tensor of ``batches[s]``; returns the scalars written (tag -> step -> value)."""
+                 sinks: Sequence[Any] = (), backward: bool = False) -> Scalars:
+    """Step ``s`` runs one forward per tensor of ``batches[s]`` (and a backward of the output's sum with
+    ``backward``); returns the scalars written (tag -> step -> value)."""
     out: Scalars = defaultdict(dict)
 
     def collect(scalars: dict[str, float], step: int) -> None:
@@ -38,11 +39,13 @@ def run_forwards(model: nn.Module, cfg: IntrospectConfig, batches: Sequence[Sequ
             out[tag][step] = value
 
     intro = Introspector(model, cfg, on_scalars=collect, sinks=sinks)
-    with torch.no_grad():
+    with torch.set_grad_enabled(backward):
         for step, xs in enumerate(batches):
             with intro.step(step):
                 for x in xs:
-                    model(x)
+                    y = model(x)
+                    if backward:
+                        y.sum().backward()
     intro.close()
     return out
 
@@ -80,20 +83,20 @@ def assert_activation_stats(scalars: Scalars, layer: str, step: int, data: Tenso
 @pytest.mark.parametrize("inplace", [False, True], ids=["relu", "inplace_relu"])
 @pytest.mark.parametrize("window", [1, 3])
 def test_dead_fraction_is_exactly_one_quarter_after_dead_window(inplace: bool, window: int) -> None:
-    """Test that Linear(3,4) with bias (-10,1,1,1) has dead fraction exactly 0.25 once ``dead_window`` steps passed."""
+    """Test that Linear(3,4) with bias (-10,1,1,1) has dead fraction exactly 0.25 once ``dead_window`` steps passed:
+    on the ReLU by its output, on the Linear (named alone: no ReLU module watched after it) by its gradient."""
     g = torch.Generator().manual_seed(1)
     steps = window + 10  # windows of consecutive steps are folded FOLD_BATCH at a time: more than one batch
     batches = [[unit_inputs(16, g)] for _ in range(steps)]
-    # Named explicitly, both the Linear (pre-activation rule) and the ReLU after it are judged.
-    scalars = run_forwards(
-        DeadUnitNet(inplace=inplace), config(dead_window=window, layers=["linear", "relu"]), batches
-    )
     for layer in ("linear", "relu"):
+        scalars = run_forwards(
+            DeadUnitNet(inplace=inplace), config(dead_window=window, layers=[layer]), batches, backward=True
+        )
         assert sorted(scalars[f"dead_fraction/{layer}"]) == list(range(window - 1, steps))
         assert set(scalars[f"dead_fraction/{layer}"].values()) == {0.25}
         assert set(scalars[f"dead_count/{layer}"].values()) == {1.0}
-    # streak of the dead unit after step s: s + 1 steps -> that many whole windows
-    assert scalars["dead_windows/linear"] == {s: float((s + 1) // window) for s in range(window - 1, steps)}
+        # streak of the dead unit after step s: s + 1 steps -> that many whole windows
+        assert scalars[f"dead_windows/{layer}"] == {s: float((s + 1) // window) for s in range(window - 1, steps)}
 
 
 def test_windows_folded_together_give_the_figures_of_windows_folded_one_by_one(
@@ -112,7 +115,7 @@ def test_windows_folded_together_give_the_figures_of_windows_folded_one_by_one(
 
     batch = module.FOLD_BATCH
     together, alone = run(batch), run(1)
-    assert batch > 1 and len(together["dead_windows/linear"]) == 18
+    assert batch > 1 and len(together["dead_windows/relu"]) == 18
     assert together == alone
 
 
@@ -124,20 +127,41 @@ def test_default_selection_judges_activation_modules_only() -> None:
     assert "dead_fraction/linear" not in scalars and "activation_mean/linear" in scalars
 
 
-def test_without_activation_modules_the_logits_layer_is_not_judged() -> None:
-    """Test that with functional activations every weight layer but the last (the logits) is judged."""
+class _Functional(nn.Module):
+    """DeadUnitNet's Linear with unit 0's bias at -3.2 (pre-activation in (-3.2, -0.2) for inputs in [0, 1): just
+    below 0), then a functional activation, then a Linear(4, 2) with weights 1."""
 
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+    def __init__(self, activation: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.activation = DeadUnitNet().linear, nn.Linear(4, 2), activation
+        with torch.no_grad():
+            self.fc1.bias[0] = -3.2
+            self.fc2.weight.fill_(1.0)
 
-        def forward(self, x: Tensor) -> Tensor:
-            return self.fc2(torch.relu(self.fc1(x)))
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
 
+
+@pytest.mark.parametrize(
+    "activation, dead", [(torch.relu, 0.25), (torch.tanh, 0.0), (nn.functional.gelu, 0.0), (torch.sigmoid, 0.0)],
+    ids=["relu", "tanh", "gelu", "sigmoid"],
+)
+def test_functional_activation_is_judged_by_the_gradient(activation: Callable[[Tensor], Tensor], dead: float) -> None:
+    """Test that a weight layer followed by a functional activation is judged by the gradient reaching it: the
+    pre-activation rule behind F.relu (unit 0 stays below 0), no false dead unit behind tanh, GELU or sigmoid
+    (they pass gradient there), and none in the logits layer."""
     g = torch.Generator().manual_seed(1)
-    scalars = run_forwards(Functional(), config(dead_window=1), [[unit_inputs(8, g)] for _ in range(2)])
-    assert "dead_fraction/fc1" in scalars and "dead_fraction/fc2" not in scalars
+    scalars = run_forwards(_Functional(activation), config(dead_window=2), [[unit_inputs(8, g)] for _ in range(4)],
+                           backward=True)
+    assert scalars["dead_fraction/fc1"] == {1: dead, 2: dead, 3: dead}
+    assert set(scalars["dead_fraction/fc2"].values()) == {0.0}
+
+
+def test_without_a_backward_pass_a_gradient_rule_gives_no_verdict() -> None:
+    """Test that with forward passes only (no gradient ever reaches the layers) no dead tag is written."""
+    g = torch.Generator().manual_seed(1)
+    scalars = run_forwards(_Functional(torch.relu), config(dead_window=1), [[unit_inputs(8, g)] for _ in range(3)])
+    assert "activation_mean/fc1" in scalars and not any(t.startswith("dead_") for t in scalars)
 
 
 def test_inplace_relu_sees_pre_activations() -> None:
@@ -263,7 +287,7 @@ def test_a_fold_in_chunks_gives_the_figures_of_one_fold_of_everything(monkeypatc
 
     def fold(chunk_elements: int) -> dict[str, Tensor]:
         monkeypatch.setattr(module, "FOLD_CHUNK_ELEMENTS", chunk_elements)
-        return CaptureFolder(0.0, 0.0, max_hist_elements=512).fold(layers, histogram=True)
+        return CaptureFolder(0.0, max_hist_elements=512).fold(layers, histogram=True)
 
     chunked, whole = fold(2000), fold(1 << 30)  # 2000: one or two captures a chunk
     torch.testing.assert_close(chunked["sums"], whole["sums"], rtol=1e-12, atol=1e-9)
@@ -510,3 +534,54 @@ def test_layer_returning_no_tensor_is_skipped_with_a_warning() -> None:
     with pytest.warns(UserWarning, match=r"layer '0' returned .*not a floating-point tensor"):
         scalars = run_forwards(model, config(), [[torch.randn(4, 3)], [torch.randn(4, 3)]])
     assert not any(t.endswith("/0") and t.startswith("activation_") for t in scalars)
+
+
+@pytest.mark.parametrize(
+    "module, fires, still",
+    [
+        (nn.ReLU(), [0.0, 1e-3], [0.0, -5.0]),
+        (nn.ReLU6(), [6.0, 5.9], [6.0, 0.0]),  # pinned at 6 or 0: no gradient either way
+        (nn.Hardswish(), [0.0, -0.3], [0.0, 0.0]),
+        (nn.Tanh(), [0.999, 0.99], [0.999, -0.9999]),  # |y| > sqrt(0.99) = 0.99499 is saturated
+        (nn.Sigmoid(), [0.001, 0.01], [0.001, 0.999]),
+        (nn.Hardtanh(), [1.0, 0.5], [1.0, -1.0]),
+        (nn.Hardsigmoid(), [0.0, 0.5], [0.0, 1.0]),
+        (nn.Threshold(0.5, 0.0), [0.0, 0.6], [0.0, 0.0]),
+    ],
+    ids=["relu", "relu6", "hardswish", "tanh", "sigmoid", "hardtanh", "hardsigmoid", "threshold"],
+)
+def test_a_unit_fires_exactly_when_an_output_lies_in_its_activations_active_region(
+    module: nn.Module, fires: list[float], still: list[float]
+) -> None:
+    """Test each activation's rule on two units fed two outputs each: unit 0 with ``fires`` (one value inside the
+    active region) fires, unit 1 with ``still`` (both outside) does not."""
+    from lightning_introspect.core.units import unit_rule
+
+    rule = unit_rule(module)
+    assert rule is not None and rule.source == "output"
+    st = LayerStats("l", unit_dim=-1, dead_threshold=0.0, zero_threshold=0.0, rule=rule)
+    x = torch.tensor([fires, still]).T.contiguous()  # (2 outputs, 2 units)
+    assert st.update(x, moments=True, dead=True, histogram=False, max_hist_elements=64)
+    assert st.fired is not None and st.fired.tolist() == [1.0, 0.0]
+    assert st.mins is not None and -st.mins[1].item() == pytest.approx(x.max().item())  # the exact maximum
+
+
+@pytest.mark.parametrize("module", [nn.ELU(), nn.GELU(), nn.LeakyReLU(), nn.SiLU(), nn.Softplus(), nn.PReLU()])
+def test_activations_that_pass_gradient_everywhere_are_not_judged(module: nn.Module) -> None:
+    """Test that activations with no region without gradient have no rule, and others fall back to the gradient."""
+    from lightning_introspect.core.units import GRADIENT_RULE, unit_rule
+
+    assert unit_rule(module) is None
+    assert unit_rule(nn.Linear(2, 2)) == GRADIENT_RULE and unit_rule(nn.LeakyReLU(0.0)) is not None
+
+
+def test_multihead_attention_is_selected_and_its_out_proj_is_not() -> None:
+    """Test that default selection keeps an nn.MultiheadAttention and leaves out its never-called out_proj, unless
+    ``layers`` names it exactly."""
+    from lightning_introspect.core.hooks import select_layers
+
+    model = nn.Sequential(nn.MultiheadAttention(4, 1), nn.Linear(4, 4))
+    assert [n for n, _ in select_layers(model, IntrospectConfig())] == ["0", "1"]
+    with pytest.raises(ValueError, match=r"Left out: \['0.out_proj'\] \(never called"):
+        select_layers(model, IntrospectConfig(layers=["0.*"]))
+    assert [n for n, _ in select_layers(model, IntrospectConfig(layers=["0.out_proj"]))] == ["0.out_proj"]
