@@ -473,10 +473,10 @@ def test_introspector_records_equal_a_per_batch_reference_over_odd_batches() -> 
     np.testing.assert_allclose(records["confidence_sum"], expected["conf"].numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_per_example_passes_run_on_the_writer_thread_and_the_epoch_end_waits_for_them() -> None:
-    """Test that full per-example buffers are reduced on the writer thread (not the training thread), in order
-    behind slow writer work, and that the epoch end waits for every reduce handed off before it folds the
-    epoch: each example counted exactly once, the last partial buffer reduced on the training thread."""
+def test_per_example_passes_run_on_the_writer_thread_or_are_taken_back_in_order() -> None:
+    """Test that full per-example buffers are handed to the writer thread, which reduces them when it is free,
+    and that an epoch end finding them still queued behind slow writer work takes them back and reduces them on
+    the training thread, in order: each example counted exactly once either way."""
     import threading
 
     from torch import nn
@@ -485,34 +485,48 @@ def test_per_example_passes_run_on_the_writer_thread_and_the_epoch_end_waits_for
     from lightning_introspect.core.introspector import SAMPLE_BUFFER_STEPS, Introspector
 
     class Watched(Introspector):
-        threads: list[int] = []  # one instance per test
-
         def _reduce(self, raw: object, figs: list) -> None:
             self.threads.append(threading.get_ident())
             super()._reduce(raw, figs)
 
     n, size, classes = 3 * SAMPLE_BUFFER_STEPS * 8 + 40, 8, 3
     steps = n // size
-    model = nn.Sequential(nn.Linear(4, classes))
-    intro = Watched(model, IntrospectConfig(every_n_steps=10**6, warmup_steps=0), num_examples=n)
-    release = threading.Event()
-    intro.writer.submit(release.wait)  # the writer is behind: the reduces queue up behind this
-    g = torch.Generator().manual_seed(2)
-    for step in range(steps):
-        with intro.step(step):
-            intro.observe_batch(
-                torch.arange(step * size, (step + 1) * size), targets=torch.randint(0, classes, (size,), generator=g),
-                logits=torch.randn(size, classes, generator=g), loss=torch.tensor(1.0),
-            )
-    assert intro.threads == []  # all queued
-    threading.Timer(0.3, release.set).start()  # the writer goes on while the epoch end waits
-    intro.end_epoch(0, steps)
-    records = intro.records()
-    intro.close()
     main = threading.get_ident()
-    assert len(intro.threads) == steps // SAMPLE_BUFFER_STEPS + 1
-    assert all(t != main for t in intro.threads[:-1]) and intro.threads[-1] == main
-    np.testing.assert_array_equal(records["seen_epochs"], np.ones(n, dtype=np.int16))
+
+    def epoch(writer_held: bool) -> tuple[list[int], dict]:
+        model = nn.Sequential(nn.Linear(4, classes))
+        intro = Watched(model, IntrospectConfig(every_n_steps=10**6, warmup_steps=0), num_examples=n)
+        intro.threads = []
+        release = threading.Event()
+        if writer_held:
+            intro.writer.submit(release.wait)  # the writer is behind: the reduces queue up behind this
+        g = torch.Generator().manual_seed(2)
+        for step in range(steps):
+            with intro.step(step):
+                intro.observe_batch(
+                    torch.arange(step * size, (step + 1) * size),
+                    targets=torch.randint(0, classes, (size,), generator=g),
+                    logits=torch.randn(size, classes, generator=g), loss=torch.tensor(1.0),
+                )
+        if writer_held:
+            assert intro.threads == []  # all queued behind the held job
+        else:
+            intro.writer.drain()  # the writer is free: it has reduced every full buffer
+        intro.end_epoch(0, steps)
+        records = intro.records()
+        release.set()
+        intro.close()
+        return intro.threads, records
+
+    full = steps // SAMPLE_BUFFER_STEPS
+    for held in (False, True):
+        threads, records = epoch(held)
+        assert len(threads) == full + 1  # every full buffer, then the last partial one
+        if held:
+            assert threads == [main] * (full + 1)  # taken back by the epoch end
+        else:
+            assert all(t != main for t in threads[:-1]) and threads[-1] == main
+        np.testing.assert_array_equal(records["seen_epochs"], np.ones(n, dtype=np.int16))
 
 
 def test_batches_reduced_together_off_thread_keep_their_ids_apart() -> None:
