@@ -20,7 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.robust_common import DDP_INTROSPECT, DDPOrderBatchSampler, ddp_global_batches, make_data, tiny_model, trainer_kwargs
+from helpers.robust_common import (
+    DDP_INTROSPECT,
+    DDPOrderBatchSampler,
+    TinyNet,
+    ddp_global_batches,
+    make_data,
+    tiny_model,
+    trainer_kwargs,
+)
 from lightning_introspect import Introspect, WithIndex
 from lightning_introspect.records import read_records
 
@@ -66,3 +74,22 @@ def test_ddp_takes_logits_from_the_forward_when_the_step_returns_only_the_loss(
     assert [a + b for a, b in zip(ranks[0]["batches"], ranks[1]["batches"])] == batches
     for key, ref in reference.items():
         np.testing.assert_allclose(records[key], ref, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+class _LossForward(TinyNet):
+    """TinyNet whose ``forward`` returns the mean of the logits (a scalar), never the logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return self(batch[0])
+
+
+def test_a_forward_that_returns_no_logits_is_a_clear_error(tmp_path: Path) -> None:
+    """Test that a forward output that is not (N, C) logits, with none in the step output, stops the first batch
+    with an error naming the shape and what to return."""
+    loader = torch.utils.data.DataLoader(WithIndex(make_data(N)), batch_size=PER_RANK_BATCH)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[Introspect(**DDP_INTROSPECT)]))
+    with pytest.raises(ValueError, match=r"forward returned a tensor of shape \(\), not logits"):
+        trainer.fit(_LossForward(), loader)
