@@ -333,7 +333,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                 # Under a strategy that wraps the module (DDP, FSDP, DeepSpeed), Lightning runs `training_step`
                 # through the module's own __call__ with `forward` swapped for it (`_ForwardRedirection`): that
                 # call's output is the step's output, and the user's `self(x)` is a call nested inside it.
-                self._redirected = getattr(trainer.strategy, "model", None) not in (None, pl_module)
+                wrapper = getattr(trainer.strategy, "model", None)
+                self._redirected = wrapper is not None and wrapper is not pl_module
                 if self._redirected:
                     self._capture_handle.append(pl_module.register_forward_pre_hook(self._enter_call))
             self._frames.clear()  # a forward that raised last step left its call open
