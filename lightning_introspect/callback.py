@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -20,6 +21,7 @@ from .sinks.tensorboard import TensorBoardSink
 
 BatchKey = Union[str, int, Callable[[Any], Tensor], None]
 _TARGET_KEYS = ("label", "labels", "target", "targets", "y")
+_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.\-]+")
 
 
 def _clips_gradients(trainer: Any, pl_module: Any) -> bool:
@@ -155,6 +157,22 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         class_names: names of the classes, for tables and reports.
         log_dir: where to write when the Trainer has no TensorBoardLogger (default: the Trainer's log dir).
         forward_to_loggers: also send scalars to the Trainer's other loggers (CSV, W&B, ...).
+        name: tells several ``Introspect`` callbacks on one Trainer apart (letters, digits, ``_``, ``-``,
+            ``.``). A named callback writes to ``<log_dir>/<name>/`` (its own TensorBoard run with the same tags,
+            and ``<log_dir>/<name>/introspect/``), prefixes the scalars it forwards to other loggers with
+            ``<name>/`` and keeps its checkpoint state under its own key. Unnamed, it writes to ``<log_dir>``;
+            a second unnamed one on the same Trainer is refused by Lightning (state keys must be unique).
+
+    Logits: taken from the step output's ``"logits"`` entry, else from the output of the LightningModule's own
+    ``forward`` (under any strategy: a call that a strategy routes through the module, e.g. DDP running
+    ``training_step`` inside ``forward``, is not taken for it). A ``training_step`` that returns ``None``
+    (Lightning's way to skip a batch) is skipped here too, at any step: the batch adds nothing to the
+    per-example dynamics.
+
+    Reuse: each ``fit`` with a new Trainer starts fresh (new records, new TensorBoard points in that Trainer's
+    log dir, hooks on the model being fit); it must not resolve to the log dir of this callback's previous
+    run. A second ``fit`` on the same Trainer and model continues the records, as a resume does. Fitting a
+    different model on the same Trainer is refused (use a new Trainer).
     """
 
     def __init__(
@@ -185,8 +203,15 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         class_names: Optional[Sequence[str]] = None,
         log_dir: Optional[Union[str, os.PathLike]] = None,
         forward_to_loggers: bool = True,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__()
+        if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise ValueError(
+                f"`name` must be a non-empty string of letters, digits, '_', '-' or '.' (it becomes a folder), "
+                f"got {name!r}."
+            )
+        self.name = name
         self.config = IntrospectConfig(
             every_n_steps=every_n_steps, warmup_steps=warmup_steps, overhead_budget=overhead_budget,
             layers=layers if layers is None or isinstance(layers, str) else list(layers),  # a str fails in the config
@@ -214,6 +239,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._captured: Any = None
         self._capture_handle: Any = None
         self._capturing = False
+        self._frames: list[bool] = []  # per open call of the module's __call__: whether it runs the user's forward
+        self._redirected = False  # the strategy wraps the module and calls training_step through it
         self._logits_in_output: Optional[bool] = None
         self._loaded_state: Optional[dict[str, Any]] = None
         self._trainer: Any = None
@@ -222,33 +249,70 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def state_key(self) -> str:
-        return "Introspect"
+        # Unnamed: the key checkpoints have always used, so that they still load.
+        return "Introspect" if self.name is None else self._generate_state_key(name=self.name)
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or self.core is not None:
+        if stage != "fit":
             return
+        carried = self._end_previous_run(trainer, pl_module)
         self._trainer = trainer
         tb = next((lg for lg in trainer.loggers if is_tensorboard_logger(lg)), None)
         if tb is not None:
             log_dir = Path(tb.log_dir)
         else:
             log_dir = self.log_dir or Path(trainer.log_dir or trainer.default_root_dir)
-        self.records_dir = log_dir / "introspect"
+        if self.name is not None:
+            log_dir = log_dir / self.name
+        records_dir = log_dir / "introspect"
+        if carried is None and self.records_dir is not None and records_dir.resolve() == self.records_dir.resolve():
+            raise RuntimeError(
+                f"Introspect already wrote a run to {records_dir}, and this fit with a new Trainer would start fresh "
+                "records there, over the first run's, and mix both runs' TensorBoard points. Give the new Trainer "
+                "a log dir of its own (a new logger version, or `Introspect(log_dir=...)` without a "
+                "TensorBoardLogger), or use a new Introspect."
+            )
+        self.records_dir = records_dir
         sinks: list[Any] = []
         if trainer.is_global_zero:
             _check_writable(self.records_dir)
-            sinks.append(TensorBoardSink(tb.experiment if tb is not None else log_dir))
+            own_writer = tb is None or self.name is not None
+            sinks.append(TensorBoardSink(log_dir if own_writer else tb.experiment))
         others = [lg for lg in trainer.loggers if not is_tensorboard_logger(lg)] if self.forward_to_loggers else []
-        on_scalars = _forward_to(others) if others and trainer.is_global_zero else None
+        on_scalars = _forward_to(others, self.name) if others and trainer.is_global_zero else None
         self.core = Introspector(
             pl_module, self.config, sinks=sinks, records_dir=self.records_dir, on_scalars=on_scalars,
             class_names=self.class_names, is_writer=trainer.is_global_zero,
         )
         self._writer = self.core.writer
+        if carried is not None:
+            self.core.load_state_dict(carried)
         if self._loaded_state is not None:
             self.core.load_state_dict(self._loaded_state)
             self._loaded_state = None
+
+    def _end_previous_run(self, trainer: Any, pl_module: Any) -> Optional[dict[str, Any]]:
+        """Closes the previous fit's core (its writer thread and sinks) and returns its state when this fit
+        continues it: the same Trainer fitting the same model again, which continues like a resume. A new
+        Trainer starts fresh; the same Trainer with another model is refused, as neither continuing nor
+        starting over in the first run's log dir is well defined."""
+        prev = self.core
+        if prev is None:
+            return None
+        if trainer is self._trainer and pl_module is not prev.model:
+            raise RuntimeError(
+                f"Introspect recorded a fit of another {type(prev.model).__name__} on this Trainer: fitting "
+                f"a different model ({type(pl_module).__name__}) on the same Trainer would mix both models' "
+                "records and TensorBoard points in one log dir. Use a new Trainer for the new model."
+            )
+        prev.close()  # idempotent: nothing of the previous run writes after this point
+        self.core = None
+        self._writer = None
+        self._remove_capture_hook()
+        self._dynamics, self._id_key, self._logits_in_output = False, None, None
+        self.threshold_ids = None
+        return prev.state_dict() if trainer is self._trainer else None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         core = self._require_core()
@@ -309,9 +373,22 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         core.begin_step(trainer.global_step)
         if self._dynamics and self._logits_in_output is not True:
             self._captured = None
-            if self._capture_handle is None:  # registered once (teardown removes it): cheaper per step
-                self._capture_handle = pl_module.register_forward_hook(self._capture)
+            if self._capture_handle is None:  # registered once (teardown removes them): cheaper per step
+                self._capture_handle = [pl_module.register_forward_hook(self._capture)]
+                # Under a strategy that wraps the module (DDP, FSDP, DeepSpeed), Lightning runs `training_step`
+                # through the module's own __call__ with `forward` swapped for it (`_ForwardRedirection`): that
+                # call's output is the step's output, and the user's `self(x)` is a call nested inside it.
+                wrapper = getattr(trainer.strategy, "model", None)
+                self._redirected = wrapper is not None and wrapper is not pl_module
+                if self._redirected:
+                    self._capture_handle.append(pl_module.register_forward_pre_hook(self._enter_call))
+            self._frames.clear()  # a forward that raised last step left its call open
             self._capturing = True
+
+    def _enter_call(self, module: nn.Module, args: Any) -> None:
+        # Notes, per open call of the module, whether it runs the user's forward: only such a call is captured.
+        if self._capturing:
+            self._frames.append(_runs_own_forward(module))
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         # Runs inside the user's forward: as little as possible, timed as the tool's own (the budget's every-step
@@ -319,6 +396,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         # the tool would then pay for freeing it (0.2 ms on the benchmark's Transformer), which the training
         # loop does anyway.
         if not self._capturing:  # a validation or predict forward
+            return
+        if self._redirected and not (self._frames and self._frames.pop()):  # a strategy's call of training_step
             return
         t0 = time.perf_counter()  # never inside another timed call: counted directly (no context object)
         self._captured = output.detach() if isinstance(output, Tensor) else _logits_of(output)
@@ -350,6 +429,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if core is None:
             raise self._not_set_up()
         loss = outputs if isinstance(outputs, Tensor) else _as_mapping(outputs).get("loss")
+        if loss is None and not outputs and pl_module.automatic_optimization:
+            # training_step returned None: Lightning skipped the batch (no backward, no update); so does this.
+            self._capturing = False
+            self._captured = None
+            core.end_step(None)
+            return
         if not self._dynamics:
             core.end_step(loss)
             return
@@ -368,10 +453,18 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             self._logits_in_output = isinstance(logits, Tensor)
             if self._logits_in_output:  # training_step returns them: the forward hook is not needed
                 self._remove_capture_hook()
+        captured = False
         if logits is None:
             logits = self._captured if isinstance(self._captured, Tensor) else None
+            captured = logits is not None
         sample_loss = out.get("sample_loss")
         try:
+            if captured and logits.ndim < 2:
+                raise ValueError(
+                    f"the LightningModule's forward returned a tensor of shape {tuple(logits.shape)}, not logits "
+                    "(N, C) or (N, T, C), and training_step returned no 'logits'. Return "
+                    "{'loss': loss, 'logits': logits} from training_step, or pass `sample_dynamics=False`."
+                )
             ids = _extract(batch, self._id_key, "ids", self._index_key)
             targets = out.get("targets")
             if targets is None and logits is not None:
@@ -410,10 +503,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _remove_capture_hook(self) -> None:
         if self._capture_handle is not None:
-            self._capture_handle.remove()
+            for handle in self._capture_handle:
+                handle.remove()
             self._capture_handle = None
         self._capturing = False
         self._captured = None
+        self._frames.clear()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
@@ -475,10 +570,13 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         return RuntimeError("Introspect is used before `setup`: attach it to a Trainer and call `fit`.")
 
 
-def _forward_to(loggers: Sequence[Any]) -> Callable[[dict[str, float], int], None]:
-    """Sends host scalars to Lightning loggers (on the training thread, after they were written)."""
+def _forward_to(loggers: Sequence[Any], name: Optional[str]) -> Callable[[dict[str, float], int], None]:
+    """Sends host scalars to Lightning loggers (on the training thread, after they were written); a named
+    callback's tags start with ``<name>/``, so that two callbacks' scalars stay apart in one logger."""
 
     def on_scalars(scalars: dict[str, float], step: int) -> None:
+        if name is not None:
+            scalars = {f"{name}/{tag}": value for tag, value in scalars.items()}
         for lg in loggers:
             lg.log_metrics(scalars, step)
 
@@ -486,6 +584,19 @@ def _forward_to(loggers: Sequence[Any]) -> Callable[[dict[str, float], int], Non
 
 
 _EMPTY: Mapping[str, Any] = {}
+
+
+def _runs_own_forward(module: nn.Module) -> bool:
+    """Whether a call of ``module`` runs its own ``forward``: a method bound to it, possibly under decorators
+    that keep ``__wrapped__`` (``torch.compile``), and not a function a strategy put in its place."""
+    fwd: Any = module.forward
+    for _ in range(8):
+        if getattr(fwd, "__self__", None) is module:
+            return True
+        fwd = getattr(fwd, "__wrapped__", None)
+        if fwd is None:
+            return False
+    return False
 
 
 def _logits_of(output: Any) -> Any:

@@ -523,7 +523,7 @@ class Introspector:
                     f"{type(targets).__name__ if not isinstance(targets, Tensor) else targets.dtype}; "
                     "return them as `targets` from training_step or set `targets=` to their place in the batch."
                 )
-            C = logits.shape[-1]
+            C = logits.shape[-1] if logits.ndim else 0  # a 0-d tensor (a loss) fits nothing below
             fits = (logits.ndim == 2 and targets.shape == (n,) or logits.ndim == 3 and logits.shape[:2] == targets.shape)
             if fits and logits.shape[0] == n and C >= 2 and self.num_classes not in (None, C):
                 raise ValueError(f"logits have {C} classes where earlier batches had {self.num_classes}.")
