@@ -82,7 +82,8 @@ class TokenTagger(nn.Module):
 
     def __init__(self, vocab: int = 11, dim: int = 8, classes: int = 3) -> None:
         super().__init__()
-        self.emb, self.proj, self.act, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, classes)
+        self.emb, self.proj = nn.Embedding(vocab, dim), nn.Linear(dim, dim)
+        self.act, self.head = nn.ReLU(), nn.Linear(dim, classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.head(self.act(self.proj(self.emb(tokens))))
@@ -155,6 +156,7 @@ def test_changing_sequence_length_keeps_activation_stats(tmp_path: Path, fresh_d
     logs activation statistics at every sampled step, through AOT autograd, with a bounded number of graphs."""
     counter = GraphCounter()
     from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
 
     def forward_graphs(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
         return make_boxed_func(counter(gm, example_inputs))
@@ -162,7 +164,7 @@ def test_changing_sequence_length_keeps_activation_stats(tmp_path: Path, fresh_d
     def backward_graphs(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
         return make_boxed_func(gm.forward)
 
-    aot_counter = torch._dynamo.backends.common.aot_autograd(fw_compiler=forward_graphs, bw_compiler=backward_graphs)
+    aot_counter = aot_autograd(fw_compiler=forward_graphs, bw_compiler=backward_graphs)
     torch.manual_seed(0)
     model = TokenTagger()
     run = torch.compile(model, backend=aot_counter)
