@@ -114,6 +114,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     flush (once per sampled step, one batched copy, asynchronous on CUDA) or at an epoch end; writing runs on
     the background thread, during backward passes. Per-example dynamics keep each step's inputs and compute
     up to 16 steps' figures in one batched pass. Records go to ``<log_dir>/introspect/``.
+    Under ``torch.compile`` a sampled step runs eagerly (``torch.compiler.set_stance("force_eager")``, the
+    previous stance restored after it), so its hooks see every layer whatever shapes were compiled before.
 
     Args:
         every_n_steps: sample every N optimizer steps (after the warm-up).

@@ -60,13 +60,13 @@ def test_fp16_grad_norms_are_unscaled_and_skipped_steps_are_not_updates(tmp_path
 
 def test_compiled_submodule_matches_eager_with_bounded_recompilations(tmp_path: Path) -> None:
     """Test that a LightningModule with a `torch.compile`d submodule trains with Introspect, logs the eager tags
-    (no `_orig_mod`) with the eager values, and that attaching hooks on sampled steps only (on/off every step
-    here) compiles a bounded number of frames that does not grow with the number of steps.
+    (no `_orig_mod`) with the eager values, and that sampling every other step compiles a bounded number of
+    frames that does not grow with the number of steps.
 
     Measures: Dynamo frame compilations (`torch._dynamo.utils.counters["frames"]["total"]`) over 6 and over
-    12 steps with hooks toggled each step; the count is the same (4 on torch 2.13: the compiled forward with
-    and without hooks, plus one Linear re-specialised for `requires_grad`). Backend "eager": Dynamo's guards
-    (what decides recompilation) without the C++ compile time of inductor.
+    12 steps; the count is the same (sampled steps run eagerly, so only the unsampled steps' graph is
+    compiled). Backend "eager": Dynamo's guards (what decides recompilation) without the C++ compile time of
+    inductor.
     """
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -88,4 +88,4 @@ def test_compiled_submodule_matches_eager_with_bounded_recompilations(tmp_path: 
         np.testing.assert_allclose([v for _, v in short[tag]], [v for _, v in eager[tag]], rtol=1e-5, atol=1e-6,
                                    err_msg=tag)
     print(f"dynamo frames compiled: {frames_short} over 6 steps, {frames_long} over 12 steps")
-    assert frames_long == frames_short <= 6
+    assert frames_long == frames_short <= 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -265,6 +266,7 @@ class Introspector:
         self.epochs_done = 0
         self._pending: Optional[int] = None
         self._step_handles: list[Any] = []
+        self._eager_stance: Any = None  # the `force_eager` stance of the sampled step in progress (see _run_eager)
         self._loss_bad: Optional[Tensor] = None
         self._diagnose = 0
         self._layout_written = False
@@ -334,6 +336,8 @@ class Introspector:
                 self.hooks.histogram = cfg.histograms and self.samples_flushed % cfg.histogram_every_n_samples == 0
                 if self.layers:
                     self.hooks.attach()
+                    if self._eager_stance is None and "torch._dynamo.eval_frame" in sys.modules:
+                        self._run_eager()
             return sampled
         finally:
             if outer:
@@ -351,6 +355,9 @@ class Introspector:
         try:
             if self.sampled:  # only a sampled step attaches hooks (observe_gradients returns at once otherwise)
                 self.hooks.detach()
+                if self._eager_stance is not None:
+                    stance, self._eager_stance = self._eager_stance, None
+                    stance.__exit__(None, None, None)  # back to the stance the step began with
                 for h in self._step_handles:
                     h.remove()
                 self._step_handles = []
@@ -367,6 +374,17 @@ class Introspector:
                 self.overhead_seconds += now - t0
             # the step's own time: its timed calls so far, and the one in progress
             self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + (0.0 if outer else now - start))
+
+    def _run_eager(self) -> None:
+        """Runs the sampled step's ``torch.compile`` code eagerly (``torch.compiler.set_stance("force_eager")``,
+        until :meth:`end_step` restores the stance the step began with), so that every hooked layer runs its
+        hook. A compiled graph never holds the hooks: Dynamo does not guard on an empty hook dict, so a graph
+        traced on an unsampled step (a new batch size or sequence length) would run hook-less on every later
+        sampled step; and one traced with the hooks would break at each of them. Compiled code then recompiles
+        for nothing Introspect does, and unsampled steps keep the user's graphs."""
+        if torch.compiler.is_compiling():  # the step itself is being traced: a stance cannot be set there
+            return
+        self._eager_stance = torch.compiler.set_stance("force_eager")
 
     def own_time(self) -> "_OwnTime":
         """``with core.own_time(): ...`` counts the time inside as the tool's own (``overhead_seconds``, and
