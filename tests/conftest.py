@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import random
+import threading
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -18,3 +20,18 @@ def _seed_everything() -> None:
     np.random.seed(0)
     torch.manual_seed(0)
     torch.set_num_threads(1)
+
+
+
+def _writer_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("lightning-introspect") and t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def _no_writer_thread_left() -> Iterator[None]:
+    """Fail a test that leaves a writer thread of its own running: every run must close what it started."""
+    before = _writer_threads()
+    yield
+    left = _writer_threads() - before
+    if left:
+        pytest.fail(f"the test left {len(left)} writer thread(s) running: close the Introspector / finish the fit")

@@ -211,8 +211,8 @@ class LayerStats:
     def capture_grad(self, grad: Tensor) -> None:
         """Keeps the unit scores of the gradient reaching the layer's output (a gradient rule, called from a
         tensor hook during backward); one kernel or two, no read."""
-        if self.rule.source != "gradient" or self.units is None or grad.ndim == 0:
-            return
+        if self.rule.source != "gradient" or self.units is None or grad.ndim == 0 or grad.numel() == 0:
+            return  # an empty batch says nothing about any unit
         if grad.shape[self.unit_dim % grad.ndim] != self.units:
             return
         self._unit_scores(self.rule.prepared(grad.detach()))

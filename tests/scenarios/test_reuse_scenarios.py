@@ -24,8 +24,18 @@ def _hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
+_OTHERS: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _threads_before() -> None:
+    """Writer threads alive before the test (another test's failure may leave one): not this test's."""
+    _OTHERS.clear()
+    _OTHERS.update(threading.enumerate())
+
+
 def _writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("lightning-introspect")]
+    return [t for t in threading.enumerate() if t.name.startswith("lightning-introspect") and t not in _OTHERS]
 
 
 def _data() -> Any:
