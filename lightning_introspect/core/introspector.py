@@ -1115,7 +1115,7 @@ class Introspector:
             return None
         from .scoring import find_label_issues
 
-        return find_label_issues(records, threshold_ids=self.threshold_ids)
+        return find_label_issues(records, threshold_ids=self.threshold_ids, num_classes=meta["num_classes"])
 
     def _write_pictures(self, records: dict[str, np.ndarray], suspects: Any, epoch: int, step: int) -> None:
         """The suspects table and the data-map image (writer thread)."""
@@ -1128,8 +1128,11 @@ class Introspector:
         # collection is rare in a training process, so each epoch's figure (MBs) would pile up until then.
         # The young generations hold most of it; collecting them costs a few ms on this thread.
         gc.collect(1)
+        confusion = _confusion_markdown(suspects, self.class_names, epoch)
         for sink in self.sinks:
             sink.add_text("samples/suspects", _suspects_markdown(suspects, self.class_names, epoch), step)
+            if confusion is not None:
+                sink.add_text("samples/confusion", confusion, step)
             sink.add_image("samples/data_map", image, step)
 
     def _write_skipped_extras(self) -> None:
@@ -1163,7 +1166,9 @@ class Introspector:
 
         if threshold_ids is None:
             threshold_ids = self.threshold_ids
-        return find_label_issues(self.records(), method=method, cut=cut, threshold_ids=threshold_ids)
+        return find_label_issues(
+            self.records(), method=method, cut=cut, threshold_ids=threshold_ids, num_classes=self.num_classes
+        )
 
     @_timed
     def close(self) -> None:
@@ -1284,12 +1289,23 @@ def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoc
         f"**Epoch {epoch}: {n_flag} of {len(suspects.ids)} examples flagged as likely mislabeled** "
         f"(scorer `{suspects.method}`, cut at score {suspects.threshold:.3f}; lower score = more suspect).",
         "",
-        "| rank | id | given label | score | flagged |",
-        "|---:|---:|:---|---:|:---:|",
+        "| rank | id | given label | suggested label | score | flagged |",
+        "|---:|---:|:---|:---|---:|:---:|",
     ]
+    suggested = suspects.suggested_labels
     for r in range(min(top, len(suspects.ids))):
+        sug = "-" if suggested is None or suggested[r] < 0 else name(int(suggested[r]))
         lines.append(
-            f"| {r + 1} | {int(suspects.ids[r])} | {name(int(suspects.labels[r]))} | {float(suspects.scores[r]):.3f} | "
-            f"{'yes' if suspects.flagged[r] else 'no'} |"
+            f"| {r + 1} | {int(suspects.ids[r])} | {name(int(suspects.labels[r]))} | {sug} | "
+            f"{float(suspects.scores[r]):.3f} | {'yes' if suspects.flagged[r] else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def _confusion_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoch: int) -> Optional[str]:
+    """The per-class view of the flagged examples (top pairs, flagged share per class), or None without
+    class labels (sequence data)."""
+    if len(suspects.ids) == 0 or (np.asarray(suspects.labels) < 0).all():
+        return None
+    view = suspects.class_view()
+    return f"**Epoch {epoch}: flagged examples by class**\n\n" + view.to_markdown(class_names, top=5, max_classes=10)
