@@ -94,8 +94,10 @@ def main() -> None:
           f"automatic cut flags {len(flagged)}, of which {np.isin(flagged, flipped).mean():.0%} are flipped.")
     caught = np.isin(flagged, flipped)
     right = suspects.suggested_labels[suspects.flagged][caught] == truth[flagged[caught]]
-    print(f"The suggested label is the true one for {right.sum()} of the {caught.sum()} flagged flips "
-          f"({right.mean():.1%}).\n")
+    if caught.any():
+        print(f"The suggested label is the true one for {right.sum()} of the {caught.sum()} flagged flips "
+              f"({right.mean():.1%}).")
+    print()
     report(["report", str(Path(logger.log_dir)), "--top", "15"])
 
 
