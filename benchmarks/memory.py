@@ -2,8 +2,8 @@
 
 Drives :class:`~lightning_introspect.core.samples.PerSampleStore` directly (no model): every epoch visits
 every id once in a shuffled order, in large batches of synthetic (B, C) logits and targets; the per-example
-figures come from the same kernel the callback uses (:func:`classification_figures`); each epoch ends
-with :meth:`~PerSampleStore.fold_epoch`, then :meth:`~PerSampleStore.records` (the host copy an epoch end
+figures come from the same kernel the callback uses (:func:`classification_figures_with_other`); each epoch
+ends with :meth:`~PerSampleStore.fold_epoch`, then :meth:`~PerSampleStore.records` (the host copy an epoch end
 makes) and, with ``--write``, the atomic ``samples.npz`` write the background writer does.
 
 Reported: the store's tensor bytes per example (epoch buffers + aggregates), the resident-memory (RSS)
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_introspect.core.samples import PerSampleStore, classification_figures
+from lightning_introspect.core.samples import PerSampleStore, classification_figures_with_other
 from lightning_introspect.records import write_records
 
 TARGET_BYTES = 64
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     alloc_s = time.perf_counter() - t0
     after_alloc = proc_status()["VmRSS"]
     reset_peak()
-    epoch_bytes = store.epoch.element_size() * store.epoch.shape[1]
+    epoch_bytes = store.epoch.element_size() * store.epoch.shape[1] + store.epoch_other.element_size()
     lines = [
         f"PerSampleStore, N = {n:,} ids, {args.epochs} epochs, batch {b:,}, {c} classes, CPU, 1 thread "
         f"(torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()})",
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> list[str]:
                 ids = perm[s : s + b]
                 logits, targets = logits_pool[k % POOL, : len(ids)], targets_pool[k % POOL, : len(ids)]
                 tf = time.perf_counter()
-                loss, margin, conf, correct, valid = classification_figures(logits, targets)
+                loss, margin, conf, correct, valid, other = classification_figures_with_other(logits, targets)
                 fig_s += time.perf_counter() - tf
-                store.observe(ids, loss, margin, conf, correct, labels=targets, valid=valid)
+                store.observe(ids, loss, margin, conf, correct, labels=targets, valid=valid, other=other)
             t1 = time.perf_counter()
             store.fold_epoch(epoch)
             t2 = time.perf_counter()

@@ -25,8 +25,9 @@ from lightning_introspect import Introspect, WithIndex
 from lightning_introspect.report import main as report
 
 
-def digits(noise: float, seed: int = 0) -> tuple[TensorDataset, np.ndarray]:
-    """The 1797 digits as (1, 8, 8) standardized images; a seeded share of labels flipped to another class."""
+def digits(noise: float, seed: int = 0) -> tuple[TensorDataset, np.ndarray, np.ndarray]:
+    """The 1797 digits as (1, 8, 8) standardized images, a seeded share of labels flipped to another class;
+    also the flipped ids and the true labels."""
     x, y = load_digits(return_X_y=True)
     x = (x - x.mean()) / x.std()
     rng = np.random.default_rng(seed)
@@ -34,7 +35,7 @@ def digits(noise: float, seed: int = 0) -> tuple[TensorDataset, np.ndarray]:
     noisy = y.copy()
     noisy[flipped] = (y[flipped] + rng.integers(1, 10, size=len(flipped))) % 10  # uniform over the others
     data = TensorDataset(torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8), torch.tensor(noisy))
-    return data, np.sort(flipped)
+    return data, np.sort(flipped), y
 
 
 class DigitsCNN(pl.LightningModule):
@@ -72,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pl.seed_everything(0, verbose=False)
-    data, flipped = digits(args.noise)
+    data, flipped, truth = digits(args.noise)
     loader = DataLoader(WithIndex(data), batch_size=64, shuffle=True)
     introspect = Introspect(every_n_steps=10, class_names=[str(d) for d in range(10)])
     logger = TensorBoardLogger(args.out, name="", version=time.strftime("run-%Y%m%d-%H%M%S"))
@@ -90,7 +91,13 @@ def main() -> None:
     hit = np.isin(top, flipped).mean()
     flagged = suspects.ids[suspects.flagged]
     print(f"{len(flipped)} labels were flipped; {hit:.0%} of the top {len(flipped)} suspects are flipped ones; the "
-          f"automatic cut flags {len(flagged)}, of which {np.isin(flagged, flipped).mean():.0%} are flipped.\n")
+          f"automatic cut flags {len(flagged)}, of which {np.isin(flagged, flipped).mean():.0%} are flipped.")
+    caught = np.isin(flagged, flipped)
+    right = suspects.suggested_labels[suspects.flagged][caught] == truth[flagged[caught]]
+    if caught.any():
+        print(f"The suggested label is the true one for {right.sum()} of the {caught.sum()} flagged flips "
+              f"({right.mean():.1%}).")
+    print()
     report(["report", str(Path(logger.log_dir)), "--top", "15"])
 
 

@@ -101,7 +101,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``samples/forgotten_fraction``    epoch end   share forgotten this epoch (correct before, now wrong)
     ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled
     ``samples/data_map``              epoch end   image: confidence vs. variability, coloured by correctness
-    ``samples/suspects``              epoch end   text: table of the current top suspects
+    ``samples/suspects``              epoch end   text: table of the current top suspects, with the label
+                                                  each one's dynamics suggest
+    ``samples/confusion``             epoch end   text: flagged examples by class: the most confused
+                                                  (given, suggested) pairs, flagged share per class
     ``alerts/nonfinite``              on event    text: NaN/Inf loss, first layer in forward order
     ``alerts/bad_input``              on event    text: ids out of range/repeated, bad targets, non-finite
                                                   logits (see ``README``: what was done with the rows)
@@ -532,8 +535,9 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     def mislabeled(self, *, method: str = "default", cut: Any = "auto") -> Any:
         """Examples ranked most likely mislabeled first, with scores and the automatic cut.
 
-        Returns a :class:`~lightning_introspect.core.scoring.Suspects`; the same table is written to
-        ``<log_dir>/introspect/suspects.csv`` after ``fit``.
+        Returns a :class:`~lightning_introspect.core.scoring.Suspects` (``suggested_labels``, ``pred_probs``,
+        ``class_view()``, ``to_pandas()``); the same table is written to ``<log_dir>/introspect/suspects.csv``
+        and the per-class view to ``confusion.md`` after ``fit``.
         """
         return self._require_core().mislabeled(method=method, cut=cut, threshold_ids=self.threshold_ids)
 
@@ -542,10 +546,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         assert self.records_dir is not None
         try:
             from .datamap import save_data_map
-            from .report import write_suspects_csv
+            from .report import CONFUSION_MD, write_class_view, write_suspects_csv
 
             suspects = self.mislabeled()
             write_suspects_csv(self.records_dir / "suspects.csv", suspects, class_names=self.class_names)
+            if core.task == "classification":
+                write_class_view(self.records_dir / CONFUSION_MD, suspects, class_names=self.class_names)
             save_data_map(self.records_dir / "data_map.png", core.records(), suspects=suspects, class_names=self.class_names)
         except (OSError, NotImplementedError) as err:
             warnings.warn(f"lightning_introspect could not write the suspects report: {err}", RuntimeWarning)

@@ -55,12 +55,16 @@ RECORD_FIELDS: dict[str, str] = {
     "forgetting_events": "int",
     "first_learned": "int",
     "last_correct": "int",
+    "suggested_label": "int",
+    "suggested_votes": "int",
 }
 """Record fields of the scoring contract and their kind (``"int"`` or ``"float"``)."""
 
+_OPTIONAL = ("suggested_label", "suggested_votes")  # absent from records written before they existed
+_REQUIRED = tuple(name for name in RECORD_FIELDS if name not in _OPTIONAL)
 _REQUIRED_BY_TASK: dict[str, tuple[str, ...]] = {
-    "classification": tuple(RECORD_FIELDS),
-    "sequence": tuple(RECORD_FIELDS),
+    "classification": _REQUIRED,
+    "sequence": _REQUIRED,
     "regression": ("seen_epochs", "loss_sum"),
 }
 TASKS: tuple[str, ...] = tuple(_REQUIRED_BY_TASK)

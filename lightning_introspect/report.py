@@ -2,7 +2,9 @@
 
 Reads ``<log_dir>/introspect/samples.npz`` (no pickle), ranks the examples with
 :func:`~lightning_introspect.core.scoring.find_label_issues`, prints a summary and the top suspects, and writes
-``suspects.csv`` and ``data_map.png`` next to the records (or into ``--out``), each atomically::
+``suspects.csv`` (with each example's ``suggested_label``), ``confusion.md`` (the flagged examples by class:
+confused pairs, flagged share per class, the estimated noise matrix) and ``data_map.png`` next to the records
+(or into ``--out``), each atomically::
 
     lightning-introspect report lightning_logs/version_0 --top 20 --class-names cat,dog,bird
     python -m lightning_introspect report lightning_logs --method aum --cut 100 --out /tmp/review
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -26,11 +29,12 @@ import numpy as np
 from lightning_introspect.core.scoring import METHODS, Suspects, find_label_issues
 from lightning_introspect.records import RecordsError, _atomic_write, read_records
 
-__all__ = ["build_parser", "main", "suspect_columns", "write_suspects_csv"]
+__all__ = ["build_parser", "main", "suspect_columns", "write_class_view", "write_suspects_csv"]
 
 PROG = "lightning-introspect"
 SUSPECTS_CSV = "suspects.csv"
 DATA_MAP_PNG = "data_map.png"
+CONFUSION_MD = "confusion.md"
 # The names match those of find_label_issues' own columns, so the scorer's values win when both exist.
 _COLUMN_ORDER = ("aum", "confidence_mean", "variability", "correct_fraction", "forgetting_events",
                  "first_learned", "seen_epochs", "loss_mean")
@@ -59,6 +63,7 @@ def write_suspects_csv(
     """Write the ranked suspects as CSV, most suspect first, atomically.
 
     The header is ``index,score,flagged,label``, then ``label_name`` when ``class_names`` are given, then
+    ``suggested_label`` (and ``suggested_label_name``) when the suspects have suggested labels (-1: none), then
     every entry of ``suspects.columns``. ``index`` is the sample id; ``flagged`` is ``true``/``false``;
     floats have 6 significant digits, NaN is written ``nan``.
 
@@ -95,12 +100,19 @@ def write_suspects_csv(
         "flagged": np.asarray(suspects.flagged, dtype=bool),
         "label": np.asarray(suspects.labels),
     }
-    if class_names is not None:
-        names = list(class_names)
-        labels = fields["label"].astype(np.int64)
-        fields["label_name"] = np.array(
-            [names[i] if 0 <= i < len(names) else "" for i in labels.tolist()], dtype=object
-        )
+    names = list(class_names) if class_names is not None else None
+
+    def named(labels: np.ndarray) -> np.ndarray:
+        assert names is not None
+        return np.array([names[i] if 0 <= i < len(names) else "" for i in labels.astype(np.int64).tolist()],
+                        dtype=object)
+
+    if names is not None:
+        fields["label_name"] = named(fields["label"])
+    if suspects.suggested_labels is not None:
+        fields["suggested_label"] = np.asarray(suspects.suggested_labels)
+        if names is not None:
+            fields["suggested_label_name"] = named(fields["suggested_label"])
     for name, column in suspects.columns.items():
         if name in fields:
             raise ValueError(f"`suspects.columns` must not repeat the column {name!r}.")
@@ -128,6 +140,24 @@ def write_suspects_csv(
         text.detach()  # leave the binary file open for the fsync that follows
 
     return _atomic_write(path, write)
+
+
+def write_class_view(
+    path: Union[str, os.PathLike[str]], suspects: Suspects, class_names: Optional[Sequence[str]] = None
+) -> Path:
+    """Write the flagged examples by class as markdown, atomically: the most confused (given, suggested)
+    pairs, the flagged share per class and the estimated noise matrix (see
+    :meth:`~lightning_introspect.core.scoring.Suspects.class_view`).
+
+    Raises:
+        OSError: the file could not be written; the message names the path.
+    """
+    text = _class_view_text(suspects, class_names, top=10) + "\n"
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _class_view_text(suspects: Suspects, class_names: Optional[Sequence[str]], top: int) -> str:
+    return suspects.class_view().to_markdown(class_names, top=top, max_classes=30, matrix=True)
 
 
 # ------------------------------------------------------------------------------------------ the ranking
@@ -286,19 +316,24 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _table(suspects: Suspects, columns: Mapping[str, np.ndarray], names: Optional[list[str]], top: int) -> str:
-    header = ["rank", "id", "label", "score", "flagged", "AUM", "confidence", "variability", "forgetting"]
-    right = [True, True, False, True, False, True, True, True, True]
+    header = ["rank", "id", "label", "suggested", "score", "flagged", "AUM", "confidence", "variability", "forgetting"]
+    right = [True, True, False, False, True, False, True, True, True, True]
     rows = []
     empty = np.full(len(suspects.ids), np.nan)
-    for rank in range(min(top, len(suspects.ids))):
-        label = int(suspects.labels[rank])
+
+    def label_text(label: int) -> str:
+        if label < 0:
+            return "-"
         if names is not None and 0 <= label < len(names):
-            label_text = names[label] if len(names[label]) <= 24 else names[label][:23] + "…"
-        else:
-            label_text = str(label)
+            return names[label] if len(names[label]) <= 24 else names[label][:23] + "…"
+        return str(label)
+
+    suggested = suspects.suggested_labels if suspects.suggested_labels is not None else np.full(len(suspects.ids), -1)
+    for rank in range(min(top, len(suspects.ids))):
         forgetting = columns.get("forgetting_events")
         rows.append([
-            str(rank + 1), str(int(suspects.ids[rank])), label_text, _fmt(float(suspects.scores[rank]), 4),
+            str(rank + 1), str(int(suspects.ids[rank])), label_text(int(suspects.labels[rank])),
+            label_text(int(suggested[rank])), _fmt(float(suspects.scores[rank]), 4),
             "yes" if suspects.flagged[rank] else "no",
             _fmt(float(columns.get("aum", empty)[rank]), 2),
             _fmt(float(columns.get("confidence_mean", empty)[rank])),
@@ -334,19 +369,22 @@ def _report(args: argparse.Namespace, stdout: TextIO) -> int:
         threshold_ids = _read_threshold_ids(args.threshold_ids)
     elif isinstance(meta.get("threshold_ids"), list):
         threshold_ids = [int(i) for i in meta["threshold_ids"]]
+    num_classes = meta.get("num_classes")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        num_classes = None
+    elif names is not None and len(names) > num_classes:
+        num_classes = len(names)
     try:
-        suspects = find_label_issues(records, method=args.method, cut=args.cut, threshold_ids=threshold_ids)
+        suspects = find_label_issues(records, method=args.method, cut=args.cut, threshold_ids=threshold_ids,
+                                     num_classes=num_classes)
     except (ValueError, TypeError) as err:
         raise _UsageError(f"cannot rank {npz_path}: {err}") from err
     columns = _merge_columns(suspect_columns(records, suspects.ids), suspects.columns)
-    suspects = Suspects(ids=suspects.ids, scores=suspects.scores, flagged=suspects.flagged,
-                        labels=suspects.labels, columns=columns, method=suspects.method,
-                        threshold=suspects.threshold)
+    suspects = dataclasses.replace(suspects, columns=columns)
 
     num, num_seen = labels.shape[0], int(seen.sum())
     num_flagged = int(np.count_nonzero(suspects.flagged))
     epochs = int(np.asarray(records["seen_epochs"]).max()) if num else 0
-    num_classes = meta.get("num_classes")
     if num_classes is None and num_seen:
         num_classes = int(labels[seen].max()) + 1
     classes = "unknown" if num_classes is None else f"{num_classes}"
@@ -383,10 +421,17 @@ def _report(args: argparse.Namespace, stdout: TextIO) -> int:
         print(_table(suspects, columns, names, args.top), file=stdout)
     elif not len(suspects.ids):
         print("\nNo example has been seen yet: nothing to rank.", file=stdout)
+    by_class = len(suspects.ids) > 0 and bool((np.asarray(suspects.labels) >= 0).all())
+    if by_class and num_flagged:
+        view = suspects.class_view()
+        print("\nFlagged examples by class (given -> suggested label):", file=stdout)
+        print(view.to_markdown(names, top=5, max_classes=10), file=stdout)
 
     out_dir = args.out if args.out is not None else npz_path.parent
     csv_path = write_suspects_csv(out_dir / SUSPECTS_CSV, suspects, names)
     print(f"\nwrote {csv_path}", file=stdout)
+    if by_class:
+        print(f"wrote {write_class_view(out_dir / CONFUSION_MD, suspects, names)}", file=stdout)
     from lightning_introspect.datamap import save_data_map  # matplotlib only when a picture is drawn
 
     try:

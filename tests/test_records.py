@@ -24,6 +24,7 @@ _DTYPES = {
     "seen_epochs": np.int16, "label": np.int32, "loss_sum": np.float32, "margin_sum": np.float32,
     "confidence_sum": np.float32, "confidence_sq_sum": np.float32, "correct_epochs": np.int16,
     "forgetting_events": np.int16, "first_learned": np.int16, "last_correct": np.int8,
+    "suggested_label": np.int32, "suggested_votes": np.int16,
 }
 
 

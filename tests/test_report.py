@@ -320,7 +320,7 @@ def test_threshold_ids_file_reaches_the_scorer(logdir: tuple[Path, np.ndarray], 
         path.write_text(content)
     assert main(["report", str(logdir[0]), "--threshold-ids", str(path), "--method", "aum", "--cut", "0.25",
                  "--out", str(tmp_path / "o")]) == 0
-    assert seen == {"method": "aum", "cut": 0.25, "threshold_ids": [7, 8, 9]}
+    assert seen == {"method": "aum", "cut": 0.25, "threshold_ids": [7, 8, 9], "num_classes": 3}
 
 
 def test_bad_threshold_ids_file_exits_2(logdir: tuple[Path, np.ndarray], tmp_path: Path,

@@ -43,7 +43,9 @@ from . import dist
 from ._sync import allow_sync
 from .config import ACTIVATION_TYPES, IntrospectConfig
 from .hooks import HookSet, plain_name, select_layers
-from .samples import BAD_INPUT_NAMES, PerSampleStore, bad_input_message, classification_figures, sequence_figures
+from .samples import (
+    BAD_INPUT_NAMES, PerSampleStore, bad_input_message, classification_figures_with_other, sequence_figures,
+)
 from .schedule import SamplingSchedule, quantize_interval
 from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
 from .units import unit_rule
@@ -550,13 +552,15 @@ class Introspector:
                 self.num_classes = C
                 if logits.numel() <= MAX_BUFFERED_LOGITS:
                     return ("raw", ids, targets.detach(), logits.detach())
-                loss, margin, conf, correct, valid = classification_figures(logits, targets, self.config.ignore_index)
-                return ("fig", ids, (loss, margin, conf, correct), targets.detach(), valid)
+                loss, margin, conf, correct, valid, other = classification_figures_with_other(
+                    logits, targets, self.config.ignore_index
+                )
+                return ("fig", ids, (loss, margin, conf, correct), targets.detach(), valid, other)
             if logits.ndim == 3 and logits.shape[:2] == targets.shape and logits.shape[0] == n and C >= 2:
                 self.task = self.task or "sequence"
                 self.num_classes = C
                 loss, margin, conf, correct, valid = sequence_figures(logits, targets, self.config.ignore_index)
-                return ("fig", ids, (loss, margin, conf, correct), None, valid)
+                return ("fig", ids, (loss, margin, conf, correct), None, valid, None)
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not fit targets of shape {tuple(targets.shape)} and "
                 f"{n} sample ids: expected logits (N, C) with C >= 2 and targets (N,), or logits (N, T, C) and "
@@ -569,7 +573,7 @@ class Introspector:
                     f"{tuple(sample_loss.shape) if isinstance(sample_loss, Tensor) else type(sample_loss).__name__}."
                 )
             self.task = self.task or "regression"
-            return ("fig", ids, (sample_loss.detach(),), None, None)
+            return ("fig", ids, (sample_loss.detach(),), None, None, None)
         raise ValueError(
             "no logits and no per-example loss for per-example dynamics: return {'loss': loss, 'logits': logits} "
             "(or 'sample_loss': a (N,) tensor) from training_step, or turn them off with `sample_dynamics=False`."
@@ -649,18 +653,23 @@ class Introspector:
             ids, targets, logits, sizes = raw
             if targets.dtype != torch.long:
                 targets = targets.long()
-            loss, margin, conf, correct, valid = classification_figures(logits, targets, self.config.ignore_index)
-            store.observe(ids, loss, margin, conf, correct, labels=targets, valid=valid, batch_sizes=sizes)
+            loss, margin, conf, correct, valid, other = classification_figures_with_other(
+                logits, targets, self.config.ignore_index
+            )
+            store.observe(
+                ids, loss, margin, conf, correct, labels=targets, valid=valid, batch_sizes=sizes, other=other
+            )
         groups: dict[tuple, list[tuple]] = {}
         for e in figs:
-            groups.setdefault((len(e[2]), e[3] is None, e[4] is None), []).append(e)
-        for (n_fields, no_labels, no_valid), entries in groups.items():
+            groups.setdefault((len(e[2]), e[3] is None, e[4] is None, e[5] is None), []).append(e)
+        for (n_fields, no_labels, no_valid, no_other), entries in groups.items():
             fields = [torch.cat([e[2][i].reshape(-1) for e in entries]) for i in range(n_fields)]
             store.observe(
                 torch.cat([e[1] for e in entries]), *fields,
                 labels=None if no_labels else torch.cat([e[3] for e in entries]),
                 valid=None if no_valid else torch.cat([e[4] for e in entries]),
                 batch_sizes=[e[1].shape[0] for e in entries],
+                other=None if no_other else torch.cat([e[5] for e in entries]),
             )
 
     def _drain_losses(self) -> None:
@@ -687,8 +696,7 @@ class Introspector:
     def _load_store(self, state: dict[str, Any]) -> None:
         assert self.store is not None
         self.store.load_state_dict(state)
-        self.store.epoch = self.store.epoch.to(self.store.device)
-        for k in PerSampleStore._AGGREGATES + ("bad",):
+        for k in PerSampleStore._AGGREGATES + PerSampleStore._EPOCH_BUFFERS + ("bad",):
             setattr(self.store, k, getattr(self.store, k).to(self.store.device))
         if self.num_examples is not None and self.num_examples > self.store.num_examples:
             self.writer.alert(
@@ -1143,7 +1151,7 @@ class Introspector:
         with allow_sync():
             if dist.is_distributed() and dist.agree(dist.EPOCH_END, store.device):
                 dist.reduce_([store.epoch], "sum")
-                dist.reduce_([store.label], "max")
+                dist.reduce_([store.label, store.epoch_other], "max")
             means = {k: v.cpu().numpy() for k, v in store.epoch_means().items()} if self.is_writer else None
             store.fold_epoch(epoch)
             records = store.records()
@@ -1227,7 +1235,7 @@ class Introspector:
             return None
         from .scoring import find_label_issues
 
-        return find_label_issues(records, threshold_ids=self.threshold_ids)
+        return find_label_issues(records, threshold_ids=self.threshold_ids, num_classes=meta["num_classes"])
 
     def _write_pictures(self, records: dict[str, np.ndarray], suspects: Any, epoch: int, step: int) -> None:
         """The suspects table and the data-map image (writer thread)."""
@@ -1240,8 +1248,11 @@ class Introspector:
         # collection is rare in a training process, so each epoch's figure (MBs) would pile up until then.
         # The young generations hold most of it; collecting them costs a few ms on this thread.
         gc.collect(1)
+        confusion = _confusion_markdown(suspects, self.class_names, epoch)
         for sink in self.sinks:
             sink.add_text("samples/suspects", _suspects_markdown(suspects, self.class_names, epoch), step)
+            if confusion is not None:
+                sink.add_text("samples/confusion", confusion, step)
             sink.add_image("samples/data_map", image, step)
 
     def _write_skipped_extras(self) -> None:
@@ -1275,7 +1286,9 @@ class Introspector:
 
         if threshold_ids is None:
             threshold_ids = self.threshold_ids
-        return find_label_issues(self.records(), method=method, cut=cut, threshold_ids=threshold_ids)
+        return find_label_issues(
+            self.records(), method=method, cut=cut, threshold_ids=threshold_ids, num_classes=self.num_classes
+        )
 
     @_timed
     def close(self) -> None:
@@ -1407,12 +1420,23 @@ def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoc
         f"**Epoch {epoch}: {n_flag} of {len(suspects.ids)} examples flagged as likely mislabeled** "
         f"(scorer `{suspects.method}`, cut at score {suspects.threshold:.3f}; lower score = more suspect).",
         "",
-        "| rank | id | given label | score | flagged |",
-        "|---:|---:|:---|---:|:---:|",
+        "| rank | id | given label | suggested label | score | flagged |",
+        "|---:|---:|:---|:---|---:|:---:|",
     ]
+    suggested = suspects.suggested_labels
     for r in range(min(top, len(suspects.ids))):
+        sug = "-" if suggested is None or suggested[r] < 0 else name(int(suggested[r]))
         lines.append(
-            f"| {r + 1} | {int(suspects.ids[r])} | {name(int(suspects.labels[r]))} | {float(suspects.scores[r]):.3f} | "
-            f"{'yes' if suspects.flagged[r] else 'no'} |"
+            f"| {r + 1} | {int(suspects.ids[r])} | {name(int(suspects.labels[r]))} | {sug} | "
+            f"{float(suspects.scores[r]):.3f} | {'yes' if suspects.flagged[r] else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def _confusion_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoch: int) -> Optional[str]:
+    """The per-class view of the flagged examples (top pairs, flagged share per class), or None without
+    class labels (sequence data)."""
+    if len(suspects.ids) == 0 or (np.asarray(suspects.labels) < 0).all():
+        return None
+    view = suspects.class_view()
+    return f"**Epoch {epoch}: flagged examples by class**\n\n" + view.to_markdown(class_names, top=5, max_classes=10)

@@ -121,16 +121,17 @@ class WithIndex(Dataset):
         return getattr(self.dataset, name)
 
 
-def classification_figures(
+def classification_figures_with_other(
     logits: Tensor, targets: Tensor, ignore_index: Optional[int] = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-example (loss, margin, confidence, correct, status) from (N, C) logits and (N,) integer targets.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-example (loss, margin, confidence, correct, status, other) from (N, C) logits and (N,) integer targets.
 
     margin = given-label logit minus the largest other logit; confidence = softmax probability of the given
     label; loss = cross-entropy; correct = the given label's logit is strictly the largest (margin > 0).
     status (int8) says what the store does with the row: 1 = use it; 0 = left out and counted, as the target
     is outside [0, C) or a logit is not finite; -1 = left out silently, as the target is ``ignore_index`` (a
-    row the loss ignores too). Rows other than 1 hold junk.
+    row the loss ignores too). Rows other than 1 hold junk. other (long) = the best class other than the given
+    label (the runner-up that the margin is taken against): the store's vote for a suggested label.
 
     The logits are transposed to (C, N) first, so that every reduction over the classes runs along the long
     axis: on a CPU this is 4x faster than ``log_softmax`` and ``topk`` over a short last axis (0.13 ms instead
@@ -138,10 +139,11 @@ def classification_figures(
     logits is (a sum overflows only past 3e38).
 
     Example:
-        >>> loss, margin, conf, correct, status = classification_figures(
-        ...     torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0, -100]), ignore_index=-100)
-        >>> margin[:2].tolist(), correct[:2].tolist(), status.tolist()
-        ([2.0, -1.0], [1.0, 0.0], [1, 1, -1])
+        >>> loss, margin, conf, correct, status, other = classification_figures_with_other(
+        ...     torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 2, -100]),
+        ...     ignore_index=-100)
+        >>> margin[:2].tolist(), correct[:2].tolist(), status.tolist(), other[:2].tolist()
+        ([1.0, 2.0], [1.0, 1.0], [1, 1, -1], [2, 1])
     """
     x = logits.detach() if logits.requires_grad else logits
     x = (x if x.dtype == torch.float32 else x.float()).t().contiguous()  # (C, N)
@@ -155,8 +157,24 @@ def classification_figures(
     top = x.amax(0)
     log_z = (x - top).exp_().sum(0).log_().add_(top)  # log-sum-exp, shifted by the row maximum
     lp_given = given - log_z
-    margin = given - x.scatter(0, tc, float("-inf")).amax(0)  # not in place: x may be the caller's own storage
-    return -lp_given, margin, lp_given.exp(), (margin > 0).float(), status
+    best_other, other = x.scatter(0, tc, float("-inf")).max(0)  # not in place: x may be the caller's own storage
+    margin = given - best_other
+    return -lp_given, margin, lp_given.exp(), (margin > 0).float(), status, other
+
+
+def classification_figures(
+    logits: Tensor, targets: Tensor, ignore_index: Optional[int] = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-example (loss, margin, confidence, correct, status) from (N, C) logits and (N,) integer targets;
+    see :func:`classification_figures_with_other`, which also gives the best other class.
+
+    Example:
+        >>> loss, margin, conf, correct, status = classification_figures(
+        ...     torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0, -100]), ignore_index=-100)
+        >>> margin[:2].tolist(), correct[:2].tolist(), status.tolist()
+        ([2.0, -1.0], [1.0, 0.0], [1, 1, -1])
+    """
+    return classification_figures_with_other(logits, targets, ignore_index)[:5]
 
 
 def sequence_figures(
@@ -201,9 +219,14 @@ def _flat(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
 class PerSampleStore:
     """Dense per-example buffers on one device: this epoch's sums and the aggregates across epochs.
 
-    Memory: 20 bytes of epoch buffers + 29 bytes of aggregates = 49 bytes per example (see
-    :mod:`lightning_introspect.core.scoring` for the record fields). Row ``num_examples`` is a trash row
-    that absorbs writes from bad ids, so that a bad id is counted, never used as an index.
+    Memory: 24 bytes of epoch buffers + 35 bytes of aggregates = 59 bytes per example, whatever the number of
+    classes (see :mod:`lightning_introspect.core.scoring` for the record fields). Row ``num_examples`` is a
+    trash row that absorbs writes from bad ids, so that a bad id is counted, never used as an index.
+
+    The suggested label is a running majority vote (Boyer-Moore) over the epochs, one vote per epoch for the
+    best class other than the given label (``epoch_other``; an id with several rows in an epoch keeps one
+    of them, from the latest pass that saw it).
+    It needs a candidate and a counter per example, not a count per class: O(1) memory per example.
     """
 
     def __init__(self, num_examples: int, device: torch.device | str = "cpu") -> None:
@@ -221,6 +244,7 @@ class PerSampleStore:
         d = self.device
         self.epoch = torch.zeros(n + 1, 5, dtype=torch.float32, device=d)
         self.label = torch.full((n + 1,), -1, dtype=torch.int32, device=d)
+        self.epoch_other = torch.full((n + 1,), -1, dtype=torch.int32, device=d)
         self.seen_epochs = torch.zeros(n, dtype=torch.int16, device=d)
         self.loss_sum = torch.zeros(n, dtype=torch.float32, device=d)
         self.margin_sum = torch.zeros(n, dtype=torch.float32, device=d)
@@ -230,15 +254,20 @@ class PerSampleStore:
         self.forgetting_events = torch.zeros(n, dtype=torch.int16, device=d)
         self.first_learned = torch.full((n,), -1, dtype=torch.int16, device=d)
         self.last_correct = torch.full((n,), -1, dtype=torch.int8, device=d)
+        self.suggested_label = torch.full((n,), -1, dtype=torch.int32, device=d)
+        self.suggested_votes = torch.zeros(n, dtype=torch.int16, device=d)
         self.bad = torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=d)
 
     _AGGREGATES = (
         "seen_epochs", "label", "loss_sum", "margin_sum", "confidence_sum", "confidence_sq_sum",
-        "correct_epochs", "forgetting_events", "first_learned", "last_correct",
+        "correct_epochs", "forgetting_events", "first_learned", "last_correct", "suggested_label", "suggested_votes",
     )
+    #: Per-epoch buffers with a trash row, cleared at each fold (``label`` keeps its last value instead).
+    _EPOCH_BUFFERS = ("epoch", "epoch_other")
 
     def bytes_per_example(self) -> float:
-        tensors = [self.epoch, *(getattr(self, k) for k in self._AGGREGATES)]
+        """Bytes of device memory per example, all buffers and aggregates together (the trash row included)."""
+        tensors = [self.epoch, self.epoch_other, *(getattr(self, k) for k in self._AGGREGATES)]
         return sum(t.numel() * t.element_size() for t in tensors) / self.num_examples
 
     @torch.no_grad()
@@ -253,6 +282,7 @@ class PerSampleStore:
         labels: Optional[Tensor] = None,
         valid: Optional[Tensor] = None,
         batch_sizes: Optional[Sequence[int]] = None,
+        other: Optional[Tensor] = None,
     ) -> None:
         """Scatters per-example figures (each (B,)) into this epoch's buffers. No host sync.
 
@@ -264,6 +294,8 @@ class PerSampleStore:
         ``valid``: (B,) bool, True = use the row, or the int8 status of :func:`classification_figures` (-1 =
         leave the row out without counting it). ``batch_sizes``: when the rows are several training batches
         concatenated, their sizes in order, so that an id counts as repeated only within its own batch.
+        ``other``: (B,) the best class other than the given label (see :func:`classification_figures_with_other`),
+        this epoch's vote for the example's suggested label; an id with several rows keeps one of them.
         """
         n, dev = self.num_examples, self.device
         ids = _flat(ids, torch.long, dev)
@@ -293,6 +325,8 @@ class PerSampleStore:
         self.epoch.index_add_(0, idx, rows)
         if labels is not None:
             self.label.index_copy_(0, idx, _flat(labels, torch.int32, dev))
+        if other is not None:
+            self.epoch_other.index_copy_(0, idx, _flat(other, torch.int32, dev))
 
     def _batch_offsets(self, sizes: tuple[int, ...]) -> Tensor:
         """(sum(sizes),) offsets that keep the ids of concatenated batches apart: batch k adds k * 2**40.
@@ -337,8 +371,9 @@ class PerSampleStore:
     def fold_epoch(self, epoch: int) -> None:
         """Folds this epoch's means into the aggregates and clears the epoch buffers.
 
-        Under DDP call it after summing ``epoch`` across ranks (and max-reducing ``label``): duplicates that a
-        distributed sampler pads in are averaged, not double-weighted.
+        Under DDP call it after summing ``epoch`` across ranks (and max-reducing ``label`` and
+        ``epoch_other``): duplicates that a distributed sampler pads in are averaged, not double-weighted, and
+        every rank casts the same vote, so the votes stay equal on all ranks.
         """
         m = self.epoch_means()
         seen = m["seen"]
@@ -355,8 +390,20 @@ class PerSampleStore:
         learned_now = correct_now & (self.first_learned < 0)
         self.first_learned = torch.where(learned_now, torch.full_like(self.first_learned, epoch), self.first_learned)
         self.last_correct = torch.where(seen, correct_now.to(torch.int8), self.last_correct)
+        self._vote(seen & (self.epoch_other[: self.num_examples] >= 0), self.epoch_other[: self.num_examples])
         self.epoch.zero_()
+        self.epoch_other.fill_(-1)
         self.epochs_folded += 1
+
+    def _vote(self, has: Tensor, other: Tensor) -> None:
+        """One Boyer-Moore step per example that has a vote: an empty counter takes the vote as its candidate,
+        an equal vote adds one, another one takes one off. The candidate ends as the class that won more than
+        half of the votes whenever one did, and otherwise leans to the latest votes."""
+        take = has & (self.suggested_votes == 0)
+        same = has & ~take & (self.suggested_label == other)
+        differ = has & ~take & ~same
+        self.suggested_label = torch.where(take, other, self.suggested_label)
+        self.suggested_votes += take.to(torch.int16) + same.to(torch.int16) - differ.to(torch.int16)
 
     def records(self) -> dict[str, np.ndarray]:
         """Host copy of the aggregates, keyed as the record fields (a device-to-host copy: epoch ends only)."""
@@ -372,14 +419,14 @@ class PerSampleStore:
         """Enlarges the store (the dataset grew), keeping every record."""
         if num_examples <= self.num_examples:
             return
-        old = {k: getattr(self, k) for k in (*self._AGGREGATES, "epoch", "bad")}
+        old = {k: getattr(self, k) for k in (*self._AGGREGATES, *self._EPOCH_BUFFERS, "bad")}
         old_n = self.num_examples
         self.num_examples = num_examples
         self._allocate(num_examples)
         for k, t in old.items():
             if k == "bad":
                 self.bad.copy_(t)
-            elif k in ("epoch", "label"):
+            elif k in ("epoch", "epoch_other", "label"):
                 getattr(self, k)[:old_n] = t[:old_n]
             else:
                 getattr(self, k)[:old_n] = t
@@ -387,7 +434,7 @@ class PerSampleStore:
     def state_dict(self) -> dict[str, Any]:
         # Copies even on CPU (where .cpu() is a no-op): training goes on updating the store in place.
         state: dict[str, Any] = {
-            k: getattr(self, k).detach().to("cpu", copy=True) for k in (*self._AGGREGATES, "epoch", "bad")
+            k: getattr(self, k).detach().to("cpu", copy=True) for k in (*self._AGGREGATES, *self._EPOCH_BUFFERS, "bad")
         }
         state["num_examples"] = self.num_examples
         state["epochs_folded"] = self.epochs_folded
@@ -397,6 +444,7 @@ class PerSampleStore:
         n = int(state["num_examples"])
         self.num_examples = n
         self._allocate(n)
-        for k in (*self._AGGREGATES, "epoch", "bad"):
-            getattr(self, k).copy_(state[k])
+        for k in (*self._AGGREGATES, *self._EPOCH_BUFFERS, "bad"):
+            if k in state:  # checkpoints from before the suggested label lack its tensors: they start empty
+                getattr(self, k).copy_(state[k])
         self.epochs_folded = int(state.get("epochs_folded", 0))

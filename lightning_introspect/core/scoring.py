@@ -16,6 +16,8 @@ field                  dtype    meaning (sums run over the epochs in which the e
 ``forgetting_events``  int16    correct -> incorrect transitions between consecutive seen epochs
 ``first_learned``      int16    first epoch in which it was correct; -1 if never
 ``last_correct``       int8     correctness in the latest seen epoch; -1 if never seen
+``suggested_label``    int32    optional: the majority vote of the epochs' best other class; -1 if none
+``suggested_votes``    int16    optional: the vote's counter (Boyer-Moore), 0 if no vote
 =====================  =======  ===================================================================
 
 The per-step figures come from the training forward pass (train mode, the minibatch logits computed before
@@ -29,6 +31,17 @@ reference of that update::
     confidence_sum += p;  confidence_sq_sum += p * p;  k = (c >= 0.5);  correct_epochs += k
     forgetting_events += (last_correct == 1 and not k);  first_learned = e if first_learned == -1 and k
     last_correct = k
+    # o = the best class other than the given label (the runner-up of the margin), from the epoch's logits
+    if suggested_votes == 0: suggested_label = o; suggested_votes = 1
+    elif suggested_label == o: suggested_votes += 1
+    else: suggested_votes -= 1
+
+The suggested label is thus a running majority vote over the epochs (Boyer-Moore): the class that was the
+runner-up in more than half of the epochs whenever one was, else a recent runner-up. It takes O(1) memory per
+example whatever the number of classes. For a flipped example the runner-up is the true class both before the
+network memorises the wrong label (the true class wins, the given label is not in the running) and after it
+(the true class comes second), so the vote recovers the true class; for a clean example it is merely the
+closest other class, which is why it is the label to relabel a *flagged* example to.
 
 Scores (convention as cleanlab): they lie in [0, 1], **lower = more likely mislabeled**; examples never seen
 get NaN and rank last. With ``n = seen_epochs``:
@@ -67,7 +80,7 @@ examples scoring strictly below it are flagged, and the threshold samples themse
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping, MutableMapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, MutableMapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -89,6 +102,12 @@ FIELDS: dict[str, np.dtype] = {
 }
 
 # Scores at or above which nothing is flagged by the natural-zero cut of these methods.
+#: Optional record fields (absent from records written before they existed; read as "no vote").
+OPTIONAL_FIELDS: dict[str, np.dtype] = {
+    "suggested_label": np.dtype(np.int32),
+    "suggested_votes": np.dtype(np.int16),
+}
+
 _NATURAL_ZERO: dict[str, float] = {"default": 0.5, "aum": 0.5, "correctness": 0.5}
 _THRESHOLD_PERCENTILE = 99.0
 
@@ -109,6 +128,11 @@ class Suspects:
         method: scorer used.
         threshold: score at the cut. Auto, float and threshold-sample cuts flag ``scores < threshold``; an
             int cut ``k`` reports the k-th score (NaN when nothing is flagged).
+        suggested_labels: (K,) the label the run's dynamics favour over the given one (the majority vote of
+            each epoch's best other class, see the module docstring): what to relabel a flagged example to.
+            -1 where there was no vote (sequence or regression records, records without the field); None
+            when unknown.
+        num_classes: the number of classes, when known (else taken from the labels for :attr:`pred_probs`).
     """
 
     ids: np.ndarray
@@ -118,11 +142,161 @@ class Suspects:
     columns: Mapping[str, np.ndarray]
     method: str
     threshold: float
+    suggested_labels: Optional[np.ndarray] = None
+    num_classes: Optional[int] = None
 
     @property
     def flagged_ids(self) -> np.ndarray:
         """(F,) ids of the flagged examples, most suspect first."""
         return self.ids[self.flagged]
+
+    @property
+    def pred_probs(self) -> np.ndarray:
+        """(K, C) float32 class probabilities per example, rows in the order of :attr:`ids`, for tools that take
+        ``pred_probs`` (``cleanlab.filter.find_label_issues(suspects.labels, suspects.pred_probs)``).
+
+        They are a summary of the in-sample training dynamics, not out-of-fold predictions: the given label
+        gets its mean softmax probability over the epochs (``columns["confidence_mean"]``) and the rest goes
+        to the suggested label (spread evenly over the other classes where there is none). The store keeps
+        O(1) figures per example, not a probability per class, so every other class gets 0; the cost is none
+        (computed here from the records). For cleanlab's own procedure train out-of-fold instead.
+
+        Raises:
+            ValueError: the labels are not classes (sequence or regression records), ``confidence_mean`` is
+                missing from :attr:`columns`, or there are fewer than 2 classes.
+        """
+        labels = np.asarray(self.labels, dtype=np.int64)
+        if labels.size and labels.min() < 0:
+            raise ValueError(
+                "`pred_probs` needs a class label per example; these suspects come from sequence or regression "
+                "records (labels -1)."
+            )
+        if "confidence_mean" not in self.columns:
+            raise ValueError("`pred_probs` needs `columns['confidence_mean']`, as `find_label_issues` gives it.")
+        suggested = (np.full(labels.shape, -1, np.int64) if self.suggested_labels is None
+                     else np.asarray(self.suggested_labels, dtype=np.int64))
+        C = self.num_classes
+        if C is None:
+            C = int(max(labels.max(initial=-1), suggested.max(initial=-1))) + 1
+        if C < 2 or (labels.size and max(labels.max(), suggested.max()) >= C):
+            raise ValueError(
+                f"`pred_probs` needs num_classes >= 2 above every label, got num_classes={C} with labels up to "
+                f"{labels.max(initial=-1)}; pass `num_classes=` to `find_label_issues`."
+            )
+        p = np.clip(np.nan_to_num(np.asarray(self.columns["confidence_mean"], dtype=np.float64)), 0.0, 1.0)
+        rows = np.arange(labels.size)
+        has = suggested >= 0
+        probs = np.where(has[:, None], 0.0, ((1.0 - p) / (C - 1))[:, None]) * np.ones((1, C))
+        probs[rows[has], suggested[has]] = 1.0 - p[has]
+        probs[rows, labels] = p
+        return probs.astype(np.float32)
+
+    def class_view(self) -> "ClassView":
+        """Per-class view of the flagged examples: noise matrix, confused pairs, flagged share per class."""
+        labels = np.asarray(self.labels, dtype=np.int64)
+        suggested = (np.full(labels.shape, -1, np.int64) if self.suggested_labels is None
+                     else np.asarray(self.suggested_labels, dtype=np.int64))
+        C = self.num_classes or int(max(labels.max(initial=-1), suggested.max(initial=-1))) + 1
+        ok = (labels >= 0) & (labels < C)
+        seen = np.bincount(labels[ok], minlength=C)[:C]
+        flagged = np.asarray(self.flagged, dtype=bool)
+        per_class = np.bincount(labels[ok & flagged], minlength=C)[:C]
+        pair = ok & flagged & (suggested >= 0) & (suggested < C)
+        matrix = np.zeros((C, C), dtype=np.int64)
+        np.add.at(matrix, (labels[pair], suggested[pair]), 1)
+        return ClassView(noise_matrix=matrix, seen=seen.astype(np.int64), flagged=per_class.astype(np.int64))
+
+    def to_pandas(self) -> "Any":
+        """The table as a ``pandas.DataFrame`` indexed by sample id (``id``), most suspect first: ``score``,
+        ``flagged``, ``label``, ``suggested_label``, then every entry of :attr:`columns`.
+
+        Raises:
+            ImportError: pandas is not installed (it is optional).
+        """
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError(
+                "`Suspects.to_pandas()` needs pandas, which is not installed: `pip install pandas`. Without it "
+                "the same table is in the arrays (`ids`, `scores`, `flagged`, `labels`, `suggested_labels`, "
+                "`columns`) and in suspects.csv."
+            ) from err
+        data: dict[str, np.ndarray] = {"score": np.asarray(self.scores), "flagged": np.asarray(self.flagged),
+                                       "label": np.asarray(self.labels)}
+        if self.suggested_labels is not None:
+            data["suggested_label"] = np.asarray(self.suggested_labels)
+        data.update({name: np.asarray(col) for name, col in self.columns.items() if name not in data})
+        return pd.DataFrame(data, index=pd.Index(np.asarray(self.ids), name="id"))
+
+
+@dataclass(frozen=True)
+class ClassView:
+    """The flagged examples by class (from :meth:`Suspects.class_view`).
+
+    Attributes:
+        noise_matrix: (C, C) int64, row = given label, column = suggested label: how many flagged examples
+            of each given class the run's dynamics assign to each other class; an estimate of the label-noise
+            transitions (flagged examples without a suggestion are left out, so rows may sum to less than
+            ``flagged``). The diagonal is 0: the suggestion is never the given label.
+        seen: (C,) ranked (seen) examples per given label.
+        flagged: (C,) flagged examples per given label.
+    """
+
+    noise_matrix: np.ndarray
+    seen: np.ndarray
+    flagged: np.ndarray
+
+    @property
+    def flagged_share(self) -> np.ndarray:
+        """(C,) flagged / seen per given label; NaN for a class with no example."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.seen > 0, self.flagged / np.maximum(self.seen, 1), np.nan)
+
+    def top_pairs(self, k: int = 5) -> list[tuple[int, int, int]]:
+        """The ``k`` most frequent (given, suggested, count) pairs among the flagged examples, most first
+        (ties: lower given label, then lower suggested label); pairs with no example are left out."""
+        flat = self.noise_matrix.reshape(-1)
+        order = np.argsort(-flat, kind="stable")[: max(int(k), 0)]
+        C = self.noise_matrix.shape[0]
+        return [(int(i // C), int(i % C), int(flat[i])) for i in order if flat[i] > 0]
+
+    def to_markdown(self, class_names: Optional[Sequence[str]] = None, *, top: int = 5,
+                    max_classes: int = 20, matrix: bool = False) -> str:
+        """Markdown: the most confused pairs, the flagged share of the classes with the highest share (at
+        most ``max_classes``), and with ``matrix`` the full noise matrix when there are at most
+        ``max_classes`` classes."""
+        C = self.noise_matrix.shape[0]
+
+        def name(label: int) -> str:
+            if class_names is not None and 0 <= label < len(class_names):
+                return str(class_names[label])
+            return str(label)
+
+        lines = [f"**Most confused class pairs** (given label -> suggested label, over {int(self.flagged.sum())} "
+                 "flagged examples)", ""]
+        pairs = self.top_pairs(top)
+        if pairs:
+            lines += ["| given | suggested | flagged | share of the given class |", "|:---|:---|---:|---:|"]
+            for g, sug, n in pairs:
+                share = n / self.seen[g] if self.seen[g] else float("nan")
+                lines.append(f"| {name(g)} | {name(sug)} | {n} | {share:.1%} |")
+        else:
+            lines.append("No flagged example has a suggested label.")
+        share = self.flagged_share
+        order = np.argsort(-np.nan_to_num(share, nan=-1.0), kind="stable")[:max_classes]
+        shown = "" if C <= max_classes else f" (the {max_classes} highest of {C} classes)"
+        lines += ["", f"**Flagged share per given label**{shown}", "", "| class | seen | flagged | share |",
+                  "|:---|---:|---:|---:|"]
+        for c in order.tolist():
+            if self.seen[c]:
+                lines.append(f"| {name(c)} | {int(self.seen[c])} | {int(self.flagged[c])} | {share[c]:.1%} |")
+        if matrix and C <= max_classes:
+            lines += ["", "**Estimated noise matrix** (flagged examples; row = given label, column = suggested "
+                      "label)", "", "| given / suggested | " + " | ".join(name(c) for c in range(C)) + " |",
+                      "|:---|" + "---:|" * C]
+            for g in range(C):
+                lines.append(f"| {name(g)} | " + " | ".join(str(int(v)) for v in self.noise_matrix[g]) + " |")
+        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -145,8 +319,8 @@ def init_records(num_samples: int) -> dict[str, np.ndarray]:
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 0:
         raise ValueError(f"`num_samples` must be a non-negative int, got {num_samples!r}.")
-    records = {name: np.zeros(int(num_samples), dtype=dtype) for name, dtype in FIELDS.items()}
-    for name in ("label", "first_learned", "last_correct"):
+    records = {name: np.zeros(int(num_samples), dtype=dtype) for name, dtype in {**FIELDS, **OPTIONAL_FIELDS}.items()}
+    for name in ("label", "first_learned", "last_correct", "suggested_label"):
         records[name][:] = -1
     return records
 
@@ -161,6 +335,7 @@ def fold_epoch(
     margin: np.ndarray,
     confidence: np.ndarray,
     correct: np.ndarray,
+    other: Optional[np.ndarray] = None,
 ) -> None:
     """Fold one epoch's per-example means into ``records`` in place (the numpy reference of the contract).
 
@@ -173,6 +348,8 @@ def fold_epoch(
         margin: (M,) epoch-mean given-label logit minus the largest other logit.
         confidence: (M,) epoch-mean softmax probability of the given label.
         correct: (M,) epoch-mean correctness (argmax == given label), in [0, 1].
+        other: (M,) the epoch's best class other than the given label (-1: no vote), voted into
+            ``suggested_label``; ``records`` gets the optional fields when it lacks them.
 
     Raises:
         ValueError: on missing fields, ids out of range or repeated, or arrays of different lengths.
@@ -193,6 +370,8 @@ def fold_epoch(
     if len(np.unique(ids)) != len(ids):
         raise ValueError("`ids` must be distinct: average each example's figures over the epoch first.")
     arrays = {"labels": labels, "loss": loss, "margin": margin, "confidence": confidence, "correct": correct}
+    if other is not None:
+        arrays["other"] = other
     for name, value in arrays.items():
         if np.shape(value) != ids.shape:
             raise ValueError(f"`{name}` must have the shape of `ids` {ids.shape}, got {np.shape(value)}.")
@@ -209,6 +388,17 @@ def fold_epoch(
     first = ids[learned & (records["first_learned"][ids] < 0)]
     records["first_learned"][first] = epoch
     records["last_correct"][ids] = learned
+    if other is not None:
+        for name, dtype in OPTIONAL_FIELDS.items():
+            if name not in records:
+                records[name] = np.full(n, -1 if name == "suggested_label" else 0, dtype=dtype)
+        other = np.asarray(other).astype(np.int64)
+        voters, votes = ids[other >= 0], other[other >= 0]
+        count = records["suggested_votes"][voters].astype(np.int64)
+        take = count == 0
+        same = ~take & (records["suggested_label"][voters] == votes)
+        records["suggested_label"][voters] = np.where(take, votes, records["suggested_label"][voters])
+        records["suggested_votes"][voters] = count + take + same - (~take & ~same)
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -318,6 +508,7 @@ def find_label_issues(
     method: str = "default",
     cut: Union[Literal["auto"], float, int] = "auto",
     threshold_ids: Optional[Sequence[int]] = None,
+    num_classes: Optional[int] = None,
 ) -> Suspects:
     """Rank seen examples most suspect first and flag them with an automatic cut (no noise rate needed).
 
@@ -329,6 +520,8 @@ def find_label_issues(
         threshold_ids: ids of AUM threshold samples (fake class), see ``ThresholdSamples``. When given, the
             cut is the threshold-samples procedure (flag scores below the 99th percentile of theirs) and
             those ids are left out of the ranking; ``cut`` must then stay ``"auto"``.
+        num_classes: the number of classes, kept in the result for :attr:`Suspects.pred_probs` and
+            :meth:`Suspects.class_view` (default: the largest label or suggested label plus one).
 
     Returns:
         The ranked :class:`Suspects`; ties keep ascending id order.
@@ -358,7 +551,11 @@ def find_label_issues(
         threshold_ids = _validate_threshold_ids(threshold_ids, records, n)
     else:
         _validate_cut(cut)
-    return _compute_label_issues(records, method, cut, threshold_ids)
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1
+    ):
+        raise ValueError(f"`num_classes` must be a positive int or None, got {num_classes!r}.")
+    return _compute_label_issues(records, method, cut, threshold_ids, None if num_classes is None else int(num_classes))
 
 
 def _compute_label_issues(
@@ -366,6 +563,7 @@ def _compute_label_issues(
     method: str,
     cut: Union[str, float, int],
     threshold_ids: Optional[np.ndarray],
+    num_classes: Optional[int] = None,
 ) -> Suspects:
     scores = _compute_scores(records, method)
     rankable = records["seen_epochs"] > 0
@@ -391,6 +589,8 @@ def _compute_label_issues(
         flagged = ranked < threshold
 
     columns = {name: values[ids] for name, values in _compute_columns(records).items()}
+    suggested = (records["suggested_label"][ids].astype(np.int64) if "suggested_label" in records
+                 else np.full(ids.shape, -1, np.int64))
     return Suspects(
         ids=ids,
         scores=ranked,
@@ -399,6 +599,8 @@ def _compute_label_issues(
         columns=columns,
         method=method,
         threshold=float(threshold),
+        suggested_labels=suggested,
+        num_classes=num_classes,
     )
 
 
@@ -436,6 +638,15 @@ def _validate_records(records: object) -> int:
                 f"convert it with `.astype(np.{expected})`."
             )
         lengths[name] = len(value)
+    for name in OPTIONAL_FIELDS:
+        value = records.get(name)
+        if value is not None:
+            if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind not in "iu":
+                raise ValueError(
+                    f"`records[{name!r}]` must be a 1-D integer numpy array (one entry per id), got "
+                    f"{type(value).__name__} {getattr(value, 'shape', '')} {getattr(value, 'dtype', '')}."
+                )
+            lengths[name] = len(value)
     if len(set(lengths.values())) > 1:
         raise ValueError(
             f"All record arrays must have one entry per id (the same length), got lengths {lengths}."

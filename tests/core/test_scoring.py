@@ -551,3 +551,96 @@ def test_batches_reduced_together_off_thread_keep_their_ids_apart() -> None:
     intro.close()
     assert bad["ids_repeated_in_batch"] == 0
     assert counts.tolist() == [float(steps)] * n
+
+
+# ---------------------------------------------------------------------------- suggested label, per class
+def _voted_records() -> dict[str, np.ndarray]:
+    """Four examples of 3 classes over three epochs, with hand-chosen runner-ups (the votes):
+    id 0: 1, 1, 2 -> 1; id 1: 2, 0, 0 -> 0 (Boyer-Moore: 2, cancelled, then 0); id 2: never a vote -> -1;
+    id 3: 0 only in the last epoch -> 0."""
+    r = init_records(4)
+    labels = np.array([0, 1, 2, 1])
+    votes = [np.array([1, 2, -1]), np.array([1, 0, -1, 0]), np.array([2, 0, -1, 0])]
+    idss = [np.array([0, 1, 2]), np.array([0, 1, 2, 3]), np.array([0, 1, 2, 3])]
+    margins = {0: -1.0, 1: -2.0, 2: 3.0, 3: -0.5}
+    for epoch, (ids, other) in enumerate(zip(idss, votes)):
+        m = np.array([margins[i] for i in ids])
+        fold_epoch(r, epoch, ids, labels[ids], loss=-m, margin=m, confidence=np.full(len(ids), 0.25),
+                   correct=(m > 0).astype(float), other=other)
+    return r
+
+
+def test_fold_epoch_votes_the_majority_runner_up() -> None:
+    """Test that the numpy reference casts one Boyer-Moore vote per epoch with a runner-up."""
+    r = _voted_records()
+    np.testing.assert_array_equal(r["suggested_label"], [1, 0, -1, 0])
+    np.testing.assert_array_equal(r["suggested_votes"], [1, 1, 0, 2])
+
+
+def test_suspects_carry_the_suggested_labels_in_ranking_order() -> None:
+    """Test that Suspects.suggested_labels line up with the ranked ids, and are -1 for records without votes."""
+    s = find_label_issues(_voted_records())
+    np.testing.assert_array_equal(s.ids, [1, 0, 3, 2])
+    np.testing.assert_array_equal(s.suggested_labels, [0, 1, 0, -1])
+    old = {k: v for k, v in _voted_records().items() if k in FIELDS}  # records written before the field
+    np.testing.assert_array_equal(find_label_issues(old).suggested_labels, [-1, -1, -1, -1])
+
+
+def test_pred_probs_put_the_mean_confidence_on_the_given_label_and_the_rest_on_the_suggested() -> None:
+    """Test that pred_probs rows follow ids, sum to 1, give the given label its mean confidence and the rest
+    to the suggested label (spread over the other classes where there is none)."""
+    s = find_label_issues(_voted_records(), num_classes=4)
+    p = s.pred_probs
+    assert p.shape == (4, 4) and p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(p[0], [0.75, 0.25, 0, 0])  # id 1: given 1, suggested 0
+    np.testing.assert_allclose(p[1], [0.25, 0.75, 0, 0])  # id 0: given 0, suggested 1
+    np.testing.assert_allclose(p[3], [0.25, 0.25, 0.25, 0.25])  # id 2: given 2, no vote: 0.75 over 3 others
+    assert find_label_issues(_voted_records()).pred_probs.shape == (4, 3)  # classes from the labels
+
+
+def test_pred_probs_refuse_records_without_class_labels() -> None:
+    """Test that pred_probs raise a clear error for sequence-style records (labels -1)."""
+    r = _voted_records()
+    r["label"][:] = -1
+    with pytest.raises(ValueError, match="class label per example"):
+        find_label_issues(r).pred_probs
+
+
+def test_class_view_counts_flagged_examples_by_given_and_suggested_label() -> None:
+    """Test the noise matrix, the top pairs and the flagged share per class against hand counts."""
+    s = find_label_issues(_voted_records(), num_classes=3)
+    assert s.flagged_ids.tolist() == [1, 0, 3]  # AUM < 0
+    view = s.class_view()
+    expected = np.zeros((3, 3), int)
+    expected[1, 0] = 2  # ids 1 and 3: given 1, suggested 0
+    expected[0, 1] = 1  # id 0
+    np.testing.assert_array_equal(view.noise_matrix, expected)
+    assert view.top_pairs(5) == [(1, 0, 2), (0, 1, 1)]
+    np.testing.assert_array_equal(view.seen, [1, 2, 1])
+    np.testing.assert_array_equal(view.flagged, [1, 2, 0])
+    np.testing.assert_allclose(view.flagged_share, [1.0, 1.0, 0.0])
+    text = view.to_markdown(["cat", "dog", "bird"], matrix=True)
+    assert "| dog | cat | 2 | 100.0% |" in text
+    assert "| dog | 0 | 2 | 0 |" not in text and "| dog | 2 | 0 | 0 |" in text  # matrix row of 'dog'
+
+
+def test_to_pandas_is_the_table_indexed_by_id() -> None:
+    """Test that to_pandas gives one row per ranked id, in ranking order, with the suggested label."""
+    pd = pytest.importorskip("pandas")
+    s = find_label_issues(_voted_records())
+    df = s.to_pandas()
+    assert isinstance(df, pd.DataFrame)
+    assert df.index.name == "id" and df.index.tolist() == s.ids.tolist()
+    assert df["suggested_label"].tolist() == [0, 1, 0, -1]
+    assert df["flagged"].tolist() == s.flagged.tolist()
+    assert list(df.columns[:4]) == ["score", "flagged", "label", "suggested_label"] and "aum" in df.columns
+
+
+def test_to_pandas_without_pandas_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that to_pandas raises an ImportError naming the install command when pandas is missing."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` raise ImportError
+    with pytest.raises(ImportError, match="pip install pandas"):
+        find_label_issues(_voted_records()).to_pandas()
