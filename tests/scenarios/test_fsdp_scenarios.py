@@ -8,16 +8,20 @@ clipping, per-parameter norms and the per-example records.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers.models import PACKAGES
 from helpers.robust_common import read_scalars
 
+from lightning_introspect import Introspect
+from lightning_introspect.callback import _check_strategy
 from lightning_introspect.records import read_records
 
 HELPERS = Path(__file__).parents[1] / "helpers"
@@ -51,3 +55,29 @@ def test_fsdp2_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
     assert records["seen_epochs"].tolist() == [fsdp_script.EPOCHS] * fsdp_script.N
     for key, values in ref_records.items():
         np.testing.assert_allclose(records[key], values, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_fsdp1_and_deepspeed_are_refused_at_setup(package: str, strategy: str, tmp_path: Path) -> None:
+    """Test that setup under Lightning's FSDPStrategy (FSDP1) or DeepSpeedStrategy raises an error that names
+    the strategy and the ones to use, before anything is written."""
+    strategies = importlib.import_module(f"{package}.strategies")
+    if strategy == "FSDPStrategy":
+        instance = strategies.FSDPStrategy()  # the Trainer refuses it on a CPU, the class does not
+    else:  # deepspeed is not installed here: a subclass of the name the check looks for
+        instance = type("DeepSpeedStrategy", (strategies.DDPStrategy,), {})()
+    intro = Introspect()
+    trainer = SimpleNamespace(strategy=instance, loggers=[], is_global_zero=True, log_dir=str(tmp_path),
+                              default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"`{strategy}`.*ModelParallelStrategy\(\).*fully_shard.*\"ddp\""):
+        intro.setup(trainer, None, "fit")
+    assert intro.core is None and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("strategy", ["DDPStrategy", "ModelParallelStrategy"])
+def test_ddp_and_fsdp2_pass_the_strategy_check(strategy: str) -> None:
+    """Test that the strategies the callback supports are not refused."""
+    from lightning.pytorch import strategies
+
+    _check_strategy(SimpleNamespace(strategy=getattr(strategies, strategy)()))
