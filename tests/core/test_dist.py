@@ -1,15 +1,20 @@
 """The collectives of :mod:`lightning_introspect.core.dist` on 2 gloo processes: a flush's round reads nothing
 on the host (no sync per flush under NCCL) and still pairs with a rank at its epoch end; DTensor shards are
-counted once over ranks."""
+counted once over ranks; layers that return DTensors (tensor parallelism) are watched through their local part."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
+import torch
+import torch.distributed as tdist
 import torch.multiprocessing as mp
 from helpers.dist_rounds_worker import rounds_worker
+
+from lightning_introspect.core import IntrospectConfig, Introspector
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +47,54 @@ def test_dtensor_shards_are_counted_once(ranks: list[dict[str, Any]]) -> None:
     assert [r["counted"]["submesh"] for r in ranks] == [True, False]
     assert ranks[0]["counted"]["local_shape"] == [2, 3]
     assert "partial sums" in ranks[1]["counted"]["partial"]
+
+
+class _DTensorOut(torch.nn.Module):
+    """A Linear whose output is wrapped as a DTensor with the given placement (as tensor parallelism returns)."""
+
+    def __init__(self, placement: Any) -> None:
+        super().__init__()
+        self.linear, self.placement = torch.nn.Linear(3, 4), placement
+
+    def forward(self, x: torch.Tensor) -> Any:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(self.linear(x), init_device_mesh("cpu", (1,)), [self.placement])
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path) -> Iterator[None]:
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["replicate", "rows", "units"])
+def test_dtensor_layer_outputs(one_rank_group: None, kind: str) -> None:
+    """Test that a layer returning a replicated or row-split DTensor gets the statistics of its local tensor,
+    and one split along its units is skipped with a warning that says why."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placement = {"replicate": Replicate(), "rows": Shard(0), "units": Shard(1)}[kind]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_DTensorOut(placement))
+    x = torch.randn(8, 3)
+    intro = Introspector(model, IntrospectConfig(every_n_steps=1, warmup_steps=0, layer_types=(_DTensorOut,), grad_norms=False,
+                                                 histograms=False))
+    got: dict[str, float] = {}
+    intro.on_scalars = lambda scalars, step: got.update(scalars)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with intro.step(0):
+            model(x)
+        intro.close()
+    if kind == "units":
+        assert "activation_mean/0" not in got
+        assert any("split across ranks along a dimension other than the rows" in str(w.message) for w in caught)
+    else:
+        expected = model[0].linear(x).detach()
+        assert got["activation_mean/0"] == pytest.approx(expected.mean().item(), rel=1e-6)
+        assert got["activation_max/0"] == pytest.approx(expected.max().item(), rel=1e-6)
