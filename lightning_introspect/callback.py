@@ -261,6 +261,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        _check_strategy(trainer)
         carried = self._end_previous_run(trainer, pl_module)
         self._trainer = trainer
         tb = next((lg for lg in trainer.loggers if is_tensorboard_logger(lg)), None)
@@ -576,6 +577,24 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     @staticmethod
     def _not_set_up() -> RuntimeError:
         return RuntimeError("Introspect is used before `setup`: attach it to a Trainer and call `fit`.")
+
+
+#: Strategies whose parameters the callback cannot read: FSDP1 flattens and shards them into FlatParameters,
+#: DeepSpeed (ZeRO) partitions them and keeps gradients in its own buffers. Names, as deepspeed may be absent.
+_UNSUPPORTED_STRATEGIES = {"FSDPStrategy": "FSDP1", "DeepSpeedStrategy": "DeepSpeed"}
+
+
+def _check_strategy(trainer: Any) -> None:
+    """Refuses, at setup, a strategy whose gradient norms would come out wrong or missing."""
+    names = [cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__]
+    found = next((n for n in names if n in _UNSUPPORTED_STRATEGIES), None)
+    if found is not None:
+        raise ValueError(
+            f"Introspect does not support Lightning's `{found}` ({_UNSUPPORTED_STRATEGIES[found]}): it flattens and "
+            "partitions the parameters and their gradients, so the gradient norms would be wrong or missing. Shard "
+            "with FSDP2 instead (`strategy=ModelParallelStrategy()` and `fully_shard` in `configure_model`), or train "
+            "with `strategy=\"ddp\"`."
+        )
 
 
 def _forward_to(loggers: Sequence[Any], name: Optional[str]) -> Callable[[dict[str, float], int], None]:

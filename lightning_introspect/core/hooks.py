@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import ACTIVATION_TYPES, IntrospectConfig
+from .dist import is_dtensor, local_part
 from .stats import LayerStats
 from .units import unit_rule
 
@@ -160,6 +161,15 @@ class HookSet:
         @torch.no_grad()
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
             x = out = first_tensor(output)
+            if x is not None and is_dtensor(x):  # tensor parallelism (FSDP2 layers return plain tensors)
+                # Rows split across ranks or replicated: the flush's sums merge the ranks' local parts as it does
+                # DDP's. Split along another dimension, a unit's values would merge with other units' values.
+                placements = x.placements  # type: ignore[attr-defined]
+                if not all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in placements):
+                    self.on_skip(name, f"returned a DTensor split across ranks along a dimension other than the "
+                                       f"rows ({tuple(placements)}), whose units cannot be merged across ranks")
+                    return
+                x = local_part(x)
             if x is None or not (x.is_floating_point() or x.is_complex()):
                 self.on_skip(name, f"returned {type(output).__name__}, not a floating-point tensor")
                 return
@@ -189,7 +199,7 @@ class HookSet:
             ok = st.capture(x, moments=cfg.activations, dead=dead, max_stat_elements=cfg.max_stat_elements)
             if not ok:
                 self.on_skip(name, f"changed its number of units (now {tuple(x.shape)})")
-            elif dead and st.rule.source == "gradient" and out.requires_grad:
+            elif dead and st.rule.source == "gradient" and out.requires_grad and not is_dtensor(out):
                 out.register_hook(functools.partial(_grad_hook, st, cfg.max_rows))
 
         # Under torch.compile the hook runs eagerly: Dynamo would otherwise trace it and recompile it per layer

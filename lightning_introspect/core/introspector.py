@@ -247,7 +247,7 @@ class Introspector:
         self._folder = CaptureFolder(config.zero_threshold, config.max_histogram_elements)
         named = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
         self.grad = GradNorms([n for n, _ in named])
-        self._param_pos = {id(p): i for i, (_, p) in enumerate(named)}
+        self._param_pos: dict[int, Optional[int]] = {id(p): i for i, (_, p) in enumerate(named)}
         self._params = [p for _, p in named]
         self.schedule = SamplingSchedule(
             config.every_n_steps, config.warmup_steps, config.overhead_budget, config.max_interval
@@ -440,6 +440,8 @@ class Introspector:
                 f"it: pass `observe_gradients(optimizer, clipping=True)` (got {optimizer!r})."
             )
         plist = [p for g in opt.param_groups for p in g["params"]] if opt is not None else self._params
+        if any(id(p) not in self._param_pos for p in plist):
+            self._refresh_params(plist)
         pos, grads, params, owners = [], [], [], []
         for p in plist:  # Python bookkeeping only; the norms below are fused launches
             i = self._param_pos.get(id(p))
@@ -450,13 +452,17 @@ class Introspector:
                 owners.append(p)
         if not pos:
             return
-        self.grad.observe(pos, grads, params, self.config.param_grad_norms)
+        grads, grad_w = self._local_parts("grad", pos, grads)
+        params, param_w = self._local_parts("param", pos, params)
+        self.grad.observe(pos, grads, params, self.config.param_grad_norms, grad_w, param_w)
         clipped_read = [not clipping]
 
         def read_clipped() -> None:  # once per step: the gradients as they are now (clipped in place or replaced)
             if not clipped_read[0]:
                 clipped_read[0] = True
-                self.grad.observe_clipped([p.grad.detach() for p in owners if p.grad is not None])
+                kept = [(i, p.grad.detach()) for i, p in zip(pos, owners) if p.grad is not None]
+                local, w = self._local_parts("grad", [i for i, _ in kept], [g for _, g in kept])
+                self.grad.observe_clipped(local, w)
 
         if clipping:
             self._step_handles.append(opt.register_step_pre_hook(lambda _opt, _args, _kwargs: read_clipped()))
@@ -471,9 +477,44 @@ class Introspector:
                 read_clipped()
                 if update and not fired[0]:
                     fired[0] = True
-                    self.grad.observe_update(pos, before, params)
+                    self.grad.observe_update(pos, before, params, param_w)
 
             self._step_handles.append(opt.register_step_post_hook(after_step))
+
+    def _refresh_params(self, plist: Sequence[Tensor]) -> None:
+        """Maps the model's parameters anew when the optimizer holds ones unknown so far: FSDP2's ``fully_shard``
+        and Lightning's ``configure_model`` replace them after the Introspector was made. Names (and so tags)
+        stay; parameters the model does not own are remembered, so that they cost one check."""
+        named = [(plain_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if [n for n, _ in named] == self.grad.param_names:
+            self._param_pos = {id(p): i for i, (_, p) in enumerate(named)}
+            self._params = [p for _, p in named]
+        for p in plist:
+            self._param_pos.setdefault(id(p), None)  # not the model's: skipped
+
+    def _local_parts(self, kind: str, pos: list[int], tensors: list[Tensor]) -> tuple[list[Tensor], Optional[Tensor]]:
+        """The local shards of DTensors (FSDP2, tensor parallelism) and each one's weight in the flush's sum over
+        ranks (1 where this rank counts the shard, 0 where another rank holds the same elements); ``tensors``
+        and None when none is a DTensor."""
+        if not any(dist.is_dtensor(t) for t in tensors):
+            return tensors, None
+        self.grad.sharded = True
+
+        def weights() -> list[float]:
+            out = []
+            for i, t in zip(pos, tensors):
+                try:
+                    out.append(float(dist.counted_here(t)))
+                except ValueError as err:
+                    out.append(0.0)
+                    self.writer.alert(
+                        f"lightning_introspect: the {kind} of parameter {self.grad.param_names[i]!r} is left out of "
+                        f"the gradient norms: {err}, whose norm cannot be taken shard by shard.", RuntimeWarning,
+                        key=f"partial:{self.grad.param_names[i]}",
+                    )
+            return out
+
+        return [dist.local_part(t) for t in tensors], self.grad.weights(kind, pos, weights, tensors[0].device)
 
     @_timed
     def observe_batch(
@@ -786,14 +827,15 @@ class Introspector:
                 grad_parts = []
                 if not counters_only:
                     grad.reset()
+                    if grad.sharded and distributed:  # the same payload as the ranks that have gradients
+                        grad_parts = grad.zero_parts(cfg.param_grad_norms, device)
             histogram = self.hooks.histogram and not counters_only
             window = _Window(sts, captures, counts, extra, interval, grad_parts)
-            reduced = True
             if distributed:  # collectives stay on the training thread, in the same order on every rank
-                packed, reduced = self._fold_and_pack([window], histogram, device, distributed=True)
+                packed = self._fold_and_pack([window], histogram, device, distributed=True)
                 host = self._to_host(packed.reshape(-1))
             if not counters_only:  # under DDP, the interval all ranks agreed on in the reduce
-                self._apply_interval(proposed, interval if distributed and reduced else None)
+                self._apply_interval(proposed, interval if distributed else None)
         meta = {
             "step": step,
             "layers": [(n, c.units, c.count > 0, st.judged_windows + bool(c.unit_max))
@@ -804,7 +846,6 @@ class Introspector:
             "grad_clipped": grad_clipped,
             "param_positions": param_positions,
             "order": list(self.hooks.order),
-            "reduced": reduced,
             "histogram": histogram,
             "counters_only": counters_only,
             "dead_layers": self._judged_dead_layers(),
@@ -843,7 +884,7 @@ class Introspector:
 
         def fold_and_write() -> None:
             with allow_sync(), torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
-                packed, _ = self._fold_and_pack(windows, histogram, device, distributed=False)
+                packed = self._fold_and_pack(windows, histogram, device, distributed=False)
                 rows = self._to_host(packed)()
             for row, meta in zip(rows, metas):
                 self._write_flush(lambda row=row: row, meta)
@@ -852,7 +893,7 @@ class Introspector:
 
     def _fold_and_pack(
         self, windows: list[_Window], histogram: bool, device: torch.device, *, distributed: bool
-    ) -> tuple[Tensor, bool]:
+    ) -> Tensor:
         """Folds the captures of ``windows`` (consecutive windows of the same layers), reduces them across
         ranks (``distributed``, one window), moves the dead-unit streaks on window after window and packs
         everything the writer reads into one float64 tensor, a row per window (the block layout of
@@ -871,14 +912,12 @@ class Introspector:
             folded = self._folder.fold([c for w in windows for c in w.captures], histogram)  # window-major rows
             sum_parts = [folded["sums"], folded["fired"], folded["hist"], folded["judged"]]
             min_parts = [folded["mins"]]
-        reduced = True
         if distributed:
             assert K == 1
             (window,) = windows
-            reduced = dist.agree(dist.FLUSH, device)
-            if reduced:
-                dist.reduce_([*sum_parts, window.counts, window.extra], "sum")
-                dist.reduce_([*min_parts, window.interval], "min")
+            # Sharded parameters' squared norms are sums over ranks' shards: they ride in the same collective.
+            grad_sums = window.grad_parts if self.grad.sharded else []
+            dist.flush_reduce([*sum_parts, window.counts, window.extra, *grad_sums], [*min_parts, window.interval], device)
         out: list[Tensor] = []
         if L:
             # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it,
@@ -907,7 +946,7 @@ class Introspector:
         out += [torch.stack([w.counts for w in windows]), torch.stack([w.extra for w in windows]),
                 torch.stack([w.interval for w in windows])]
         out += [torch.stack(parts) for parts in zip(*(w.grad_parts for w in windows))]
-        return torch.cat([t.reshape(K, -1).to(device, torch.float64) for t in out], 1), reduced
+        return torch.cat([t.reshape(K, -1).to(device, torch.float64) for t in out], 1)
 
     def _to_host(self, packed: Optional[Tensor]) -> Callable[[], Optional[np.ndarray]]:
         """One batched device-to-host copy. On CUDA it is asynchronous (pinned buffer + event): the writer
@@ -1149,7 +1188,8 @@ class Introspector:
         if store is None:
             return
         with allow_sync():
-            if dist.is_distributed() and dist.agree(dist.EPOCH_END, store.device):
+            if dist.is_distributed():
+                dist.agree_epoch_end(store.device)
                 dist.reduce_([store.epoch], "sum")
                 dist.reduce_([store.label, store.epoch_other], "max")
             means = {k: v.cpu().numpy() for k, v in store.epoch_means().items()} if self.is_writer else None

@@ -440,6 +440,11 @@ class GradNorms:
     gradients, e.g. of ``nn.Embedding(sparse=True)``, through :func:`sparse_sq_norm`), are summed per layer
     with one ``index_add_`` and are read on the host only at the flush. ``clipped_sq`` is the squared global
     norm of the gradients the optimizer step used, after any clipping (see ``observe_clipped``).
+
+    Sharded parameters (DTensors: FSDP2's ``fully_shard``, tensor parallelism) are read through their local
+    shards; ``weights`` (0 or 1 per tensor, from :func:`~lightning_introspect.core.dist.counted_here`) keep
+    each distinct element once in a sum over ranks, and ``sharded`` tells the flush to do that sum, in its
+    existing all-reduce: no collective per parameter, none outside the flush.
     """
 
     def __init__(self, param_names: Sequence[str]) -> None:
@@ -464,13 +469,22 @@ class GradNorms:
         self.clipped = False
         self.observed_params: set[int] = set()
         self.skipped_updates = 0
+        self.sharded = False  # a DTensor was observed: the buffers hold this rank's share of a sum over ranks
 
-    def _cached(self, key: tuple, values: Callable[[], list[int]], device: torch.device) -> Tensor:
-        """An index tensor on ``device``, built once per key (parameter sets rarely change)."""
+    def _cached(
+        self, key: tuple, values: Callable[[], Sequence[float]], device: torch.device, dtype: torch.dtype = torch.long
+    ) -> Tensor:
+        """A small tensor on ``device`` (an index, a weight per tensor), built once per key (parameter sets
+        rarely change)."""
         idx = self._index_cache.get((key, device))
         if idx is None:
-            idx = self._index_cache[(key, device)] = to_device(values(), torch.long, device)
+            idx = self._index_cache[(key, device)] = to_device(values(), dtype, device)
         return idx
+
+    def weights(self, kind: str, positions: Sequence[int], values: Callable[[], Sequence[float]],
+                device: torch.device) -> Tensor:
+        """(n,) float64 weights of the tensors of ``positions`` (``kind``: "grad" or "param"), made once."""
+        return self._cached(("weight", kind, tuple(positions)), values, device, torch.float64)
 
     def _index(self, positions: tuple, device: torch.device) -> Tensor:
         """Layer of each parameter position."""
@@ -505,8 +519,12 @@ class GradNorms:
         ])
 
     @torch.no_grad()
-    def observe(self, positions: Sequence[int], grads: list[Tensor], params: list[Tensor], per_param: bool) -> None:
-        """Adds the squared gradient and weight norms of parameters ``positions`` (indices into param_names)."""
+    def observe(
+        self, positions: Sequence[int], grads: list[Tensor], params: list[Tensor], per_param: bool,
+        grad_weights: Optional[Tensor] = None, param_weights: Optional[Tensor] = None,
+    ) -> None:
+        """Adds the squared gradient and weight norms of parameters ``positions`` (indices into param_names),
+        each times its weight when weights are given (local shards of sharded parameters)."""
         if not grads:
             return
         device = grads[0].device
@@ -515,8 +533,13 @@ class GradNorms:
         pos = tuple(positions)
         idx = self._index(pos, device)
         g2 = self._sq_norms(grads)
+        if grad_weights is not None:
+            g2 = g2 * grad_weights
+        w2 = self._sq_norms(params)
+        if param_weights is not None:
+            w2 = w2 * param_weights
         self.grad_sq.index_add_(0, idx, g2)
-        self.weight_sq.index_add_(0, idx, self._sq_norms(params))
+        self.weight_sq.index_add_(0, idx, w2)
         if per_param:
             self.param_grad.index_add_(0, self._pidx(pos, device), g2)
         self.observed = True
@@ -527,7 +550,9 @@ class GradNorms:
         return {self._param_layer[i] for i in self.observed_params}
 
     @torch.no_grad()
-    def observe_update(self, positions: Sequence[int], before: list[Tensor], after: list[Tensor]) -> None:
+    def observe_update(
+        self, positions: Sequence[int], before: list[Tensor], after: list[Tensor], weights: Optional[Tensor] = None
+    ) -> None:
         """Adds the squared norms of the real parameter change ``after - before`` made by an optimizer step."""
         if not before:
             return
@@ -535,18 +560,22 @@ class GradNorms:
         self._buffers(device)
         assert self.update_sq is not None
         deltas = torch._foreach_sub(after, before)
-        self.update_sq.index_add_(0, self._index(tuple(positions), device), self._sq_norms(deltas))
+        u2 = self._sq_norms(deltas)
+        if weights is not None:
+            u2 = u2 * weights
+        self.update_sq.index_add_(0, self._index(tuple(positions), device), u2)
         self.updated = True
 
     @torch.no_grad()
-    def observe_clipped(self, grads: list[Tensor]) -> None:
+    def observe_clipped(self, grads: list[Tensor], weights: Optional[Tensor] = None) -> None:
         """Adds the squared global norm of ``grads`` as the optimizer step uses them (after clipping)."""
         if not grads:
             return
         device = grads[0].device
         self._buffers(device)
         assert self.clipped_sq is not None
-        self.clipped_sq.add_(self._sq_norms(grads).sum())
+        sq = self._sq_norms(grads)
+        self.clipped_sq.add_((sq * weights if weights is not None else sq).sum())
         self.clipped = True
 
     def take(self, per_param: bool) -> list[Tensor]:
@@ -562,6 +591,13 @@ class GradNorms:
         self.grad_sq = self.weight_sq = self.update_sq = self.param_grad = self.clipped_sq = None
         self.reset()
         return parts
+
+    def zero_parts(self, per_param: bool, device: torch.device) -> list[Tensor]:
+        """Zero buffers shaped as :meth:`take` returns them: a sharded window without gradients still joins
+        the flush's sum over ranks with the same payload."""
+        L, P = len(self.layer_names), len(self.param_names)
+        sizes = [L, L, L, 1] + ([P] if per_param else [])
+        return [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
 
     def reset(self) -> None:
         self.observed = False
