@@ -265,6 +265,7 @@ class Introspector:
         self.sampled = False
         self.step_index = 0
         self.samples_flushed = 0
+        self._flushed_before = 0  # sampled steps of a run this one resumes: their calls are not in hooks.called
         self.epochs_done = 0
         self._pending: Optional[int] = None
         self._step_handles: list[Any] = []
@@ -1203,14 +1204,15 @@ class Introspector:
     def _warn_uncalled_layers(self) -> None:
         """Once, at the first epoch end after a sampled step: names the selected layers that no sampled step
         called (they have no statistics at all)."""
-        if self._uncalled_checked or not self.layers or self.samples_flushed == 0:
+        sampled = self.samples_flushed - self._flushed_before
+        if self._uncalled_checked or not self.layers or sampled <= 0:
             return
         self._uncalled_checked = True
         missing = [n for n, _ in self.layers if n not in self.hooks.called and n not in self._skipped]
         if missing and self.is_writer:
             self.writer.alert(
                 f"lightning_introspect: {len(missing)} selected layer(s) were not called on any of the "
-                f"{self.samples_flushed} sampled step(s) so far and have no statistics: {missing[:8]}"
+                f"{sampled} sampled step(s) so far and have no statistics: {missing[:8]}"
                 f"{' ...' if len(missing) > 8 else ''}. A parent module may use their weights directly, or they sit "
                 "on a branch training does not take. Select modules that are called with `layers=` (name "
                 "patterns) or `layer_types=`.",
@@ -1385,7 +1387,7 @@ class Introspector:
             )
             st.load_state_dict(st_state)
             self.layer_stats[name] = st
-        self.samples_flushed = int(state["samples_flushed"])
+        self.samples_flushed = self._flushed_before = int(state["samples_flushed"])
         self.epochs_done = int(state["epochs_done"])
         self.num_classes = state.get("num_classes")
         self.task = state.get("task")

@@ -115,3 +115,22 @@ def test_unused_layer_is_named_once_after_the_first_epoch(tmp_path: Path) -> Non
     scalars = read_events(tmp_path / "version_0").scalars
     assert not any(tag.endswith("/spare") for tag in scalars)
     assert len(scalars["activation_mean/head"]) == 3 * STEPS_PER_EPOCH
+
+
+def test_a_resumed_run_blames_no_layer_for_the_first_runs_sampled_steps(tmp_path: Path) -> None:
+    """Test that a run resumed from a checkpoint whose layers are all called warns about none of them: the first
+    run's sampled steps (counted in the checkpoint) are not taken for steps on which this run saw no call."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(epochs: int, ckpt: Any = None) -> list[str]:
+        cb = Introspect(every_n_steps=10, warmup_steps=0, histograms=False, sample_dynamics=False)
+        saver = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer("lightning.pytorch", tmp_path, callbacks=[cb, saver], max_epochs=epochs,
+                    enable_checkpointing=True).fit(Attention(use_spare=True), _loader(), ckpt_path=ckpt)
+        return [str(w.message) for w in caught if "were not called" in str(w.message)]
+
+    assert fit(1) == []
+    # Resumed at step 4: steps 4-7 are not sampled, so this run has seen no call when its epoch ends.
+    assert fit(2, ckpt=str(tmp_path / "ckpt" / "epoch=0.ckpt")) == []
