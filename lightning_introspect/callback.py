@@ -16,7 +16,7 @@ from .core.config import DEFAULT_LAYER_TYPES, IntrospectConfig
 from .core.hooks import first_tensor
 from .core.introspector import Introspector
 from .core.samples import WithIndex
-from .sinks.base import AsyncWriter
+from .core.writer import AsyncWriter
 from .sinks.tensorboard import TensorBoardSink
 
 BatchKey = Union[str, int, Callable[[Any], Tensor], None]

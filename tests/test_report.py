@@ -53,16 +53,6 @@ def make_records(n: int = 240, epochs: int = 8, classes: int = 3, flip_fraction:
     return records, flipped
 
 
-def _scoring_or_skip() -> None:
-    """Skip the calling test while the scoring functions (another engineer's work) are still stubs."""
-    records, _ = make_records(n=20)
-    try:
-        find_label_issues(records)
-    except NotImplementedError:
-        pytest.skip("lightning_introspect.core.scoring.find_label_issues is not implemented yet; "
-                    "this test needs a real ranking")
-
-
 @pytest.fixture
 def logdir(tmp_path: Path) -> tuple[Path, np.ndarray]:
     """A lightning_logs folder with one run's records, class names in the meta."""
@@ -190,7 +180,6 @@ def test_save_data_map_writes_png_of_expected_size(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------- the CLI
 def test_main_end_to_end(logdir: tuple[Path, np.ndarray], capsys: pytest.CaptureFixture[str]) -> None:
     """Test that the report prints a summary and table, and writes a ranked CSV and a PNG next to the records."""
-    _scoring_or_skip()
     root, flipped = logdir
     assert main(["report", str(root), "--top", "5"]) == 0
     out = capsys.readouterr().out
@@ -217,7 +206,6 @@ def test_main_end_to_end(logdir: tuple[Path, np.ndarray], capsys: pytest.Capture
 def test_main_out_dir_cut_and_class_names(logdir: tuple[Path, np.ndarray], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """Test --out, --cut as a count and --class-names: exactly k flagged, names from the flag."""
-    _scoring_or_skip()
     root, _ = logdir
     out_dir = tmp_path / "review"
     assert main(["report", str(root / "version_0"), "--cut", "7", "--class-names", "x,y,z", "--top", "3",
@@ -235,7 +223,6 @@ def test_main_out_dir_cut_and_class_names(logdir: tuple[Path, np.ndarray], tmp_p
 def test_main_unwritable_out_exits_1(logdir: tuple[Path, np.ndarray], tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     """Test that an output folder that cannot be created gives exit status 1 and names the path."""
-    _scoring_or_skip()
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["report", str(logdir[0]), "--out", str(blocker / "out")]) == 1
@@ -288,7 +275,6 @@ def test_main_too_few_class_names_exits_2(logdir: tuple[Path, np.ndarray], capsy
 
 def test_python_m_report_runs_in_a_subprocess(logdir: tuple[Path, np.ndarray]) -> None:
     """Test that `python -m lightning_introspect report LOGDIR` runs and writes its files."""
-    _scoring_or_skip()
     root, _ = logdir
     env: dict[str, Any] = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}

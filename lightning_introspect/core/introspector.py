@@ -49,7 +49,7 @@ from .samples import (
 from .schedule import SamplingSchedule, quantize_interval
 from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
 from .units import unit_rule
-from ..sinks.base import AsyncWriter
+from .writer import AsyncWriter
 
 F = TypeVar("F", bound=Callable[..., Any])
 _EDGES = histogram_edges()
