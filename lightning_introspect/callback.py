@@ -362,10 +362,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                     "Introspect needs the number of training examples for per-example dynamics, and the dataset "
                     "has no len(): pass `num_examples=` (sample ids must lie in [0, num_examples))."
                 )
-            if core.store is not None and n > core.store.num_examples:
-                core.num_examples = n
-                core._load_store(core.store.state_dict())
-            core.num_examples = n
+            core.num_examples = n  # a store made for fewer examples grows (its records are kept)
 
     # ------------------------------------------------------------------------------------------------ steps
     # These hooks run on every step. The core's begin_step and end_step time themselves (the budget's
@@ -482,7 +479,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                         "set in `WithIndex` (it adds the index as the last element, or an 'index' key), or point "
                         "`ids=` and `targets=` at different elements."
                     )
-            if logits is None and sample_loss is None and core._batches_ok == 0:
+            if logits is None and sample_loss is None and core.batches_seen == 0:
                 what = type(self._captured).__name__ if self._captured is not None else "nothing (forward was not called)"
                 raise ValueError(
                     "Introspect found no logits: training_step returned no 'logits' and the LightningModule's "
@@ -490,7 +487,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                     "(N,) 'sample_loss' without logits), or pass `sample_dynamics=False`."
                 )
         except ValueError as err:
-            if core._batches_ok == 0:
+            if core.batches_seen == 0:
                 raise
             core.writer.alert(f"lightning_introspect skipped a batch: {err}", RuntimeWarning)
             return

@@ -27,9 +27,7 @@ from __future__ import annotations
 import gc
 import math
 import sys
-import threading
 import time
-from collections import deque
 from contextlib import contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
@@ -43,9 +41,8 @@ from . import dist
 from ._sync import allow_sync
 from .config import ACTIVATION_TYPES, IntrospectConfig
 from .hooks import HookSet, plain_name, select_layers
-from .samples import (
-    BAD_INPUT_NAMES, PerSampleStore, bad_input_message, classification_figures_with_other, sequence_figures,
-)
+from .dynamics import SAMPLE_BUFFER_STEPS, Dynamics
+from .samples import BAD_INPUT_NAMES, PerSampleStore, bad_input_message
 from .schedule import SamplingSchedule, quantize_interval
 from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
 from .units import unit_rule
@@ -54,14 +51,6 @@ from .writer import AsyncWriter
 F = TypeVar("F", bound=Callable[..., Any])
 _EDGES = histogram_edges()
 DIAGNOSE_STEPS = 3
-# Per-example inputs are kept for SAMPLE_BUFFER_STEPS steps, then reduced in one batched pass (~60 kernel
-# launches, about as costly for 1 step as for 16: 1.1-1.3 ms on the benchmark's MLP on a CPU). More steps
-# would cut the per-step share (20 us at 64 instead of 70), but the kept tensors, allocated between each
-# step's activations, pin the host heap apart: +26 MB of peak memory on the CNN benchmark at 64. Copying them
-# into buffers allocated once costs more than it saves: 40-50 us a step for three small copies, numpy or torch
-# (the first call into either, after the forward and backward passes, runs with cold caches).
-SAMPLE_BUFFER_STEPS = 16
-MAX_BUFFERED_LOGITS = 1 << 18  # larger (N, C) logits are reduced to per-example figures at once
 # The epoch-end data map and suspects table (matplotlib: about 180 ms for 12,800 examples on this CPU) are
 # redrawn only while they take at most EXTRAS_DUTY of the wall time since the last redraw. They run on the
 # writer thread, but that does not hide them: matplotlib is Python that holds the GIL, and a training step
@@ -96,31 +85,6 @@ class _Window(NamedTuple):
     extra: Tensor  # the non-finite-loss and bad-input counters
     interval: Tensor  # (1,) minus the proposed interval (reduced with "min" across ranks)
     grad_parts: list[Tensor]  # squared gradient, weight and update norms (see GradNorms.take)
-
-
-class _Reduce:
-    """A reduce of buffered per-example inputs, handed to the writer thread and run once, by whichever thread
-    comes first: the writer in its queue's order, or the training thread when it needs the store (an epoch
-    end, a checkpoint) and takes back, in the same order, the reduces the writer has not started. Taking the
-    job and running it are one step under the store's lock, so that a thread that finds it taken knows it is
-    done, and reduces are applied to the store in the order they were handed over."""
-
-    __slots__ = ("fn", "lock", "done")
-
-    def __init__(self, fn: Callable[[], None], lock: threading.Lock) -> None:
-        self.fn: Optional[Callable[[], None]] = fn
-        self.lock = lock
-        self.done = False
-
-    def __call__(self) -> None:
-        with self.lock:
-            fn, self.fn = self.fn, None  # dropped once run: its buffers are freed by whoever ran it
-            if fn is None:
-                return
-            try:
-                fn()
-            finally:
-                self.done = True
 
 
 class _HeldKey(NamedTuple):
@@ -258,10 +222,7 @@ class Introspector:
         self.class_names = list(class_names) if class_names is not None else None
         self.is_writer = dist.rank() == 0 if is_writer is None else is_writer
         self.writer = AsyncWriter()
-        self.store: Optional[PerSampleStore] = None
-        self.num_examples = num_examples or config.num_examples
-        self.num_classes: Optional[int] = None
-        self.task: Optional[str] = None
+        self.dynamics = Dynamics(config, self.writer, num_examples or config.num_examples)
         self.sampled = False
         self.step_index = 0
         self.samples_flushed = 0
@@ -270,31 +231,48 @@ class Introspector:
         self._pending: Optional[int] = None
         self._step_handles: list[Any] = []
         self._eager_stance: Any = None  # the `force_eager` stance of the sampled step in progress (see _run_eager)
-        self._loss_bad: Optional[Tensor] = None
         self._diagnose = 0
         self._layout_written = False
         self._tag_cache: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._held: list[tuple[_Window, dict[str, Any]]] = []  # flushed windows not yet handed to the writer
         self._held_key: Optional[_HeldKey] = None
-        self._batches_ok = 0
         self._records: Optional[dict[str, np.ndarray]] = None
-        self._prev_forgets: Optional[np.ndarray] = None
-        self._pending_state: Optional[dict[str, Any]] = None
         self._dead_layers: Optional[dict[str, str]] = None
         self._uncalled_checked = False
-        self._sample_buf: list[tuple] = []
-        self._raw_sig: Optional[tuple] = None  # shapes, dtypes and device of the last batch checked as "raw"
-        self._loss_buf: list[Tensor] = []
-        self._loss_check = config.detect_nonfinite
-        # Buffered batches are reduced on the writer thread (see _drain_samples); the lock keeps the training
-        # thread's own reads and writes of the store (bad-input counters, explicit drains) apart from them.
-        self._reduce_lock = threading.Lock()
-        self._reduces: deque[_Reduce] = deque()  # handed to the writer, in order; possibly not run yet
         self._steps_since_flush = 0
         self._extras_cost = 0.0  # seconds the last epoch-end picture + suspects table took (writer thread)
         self._extras_done = -math.inf
         self._skipped_extras: Optional[tuple] = None
         self.threshold_ids: Optional[np.ndarray] = None  # AUM threshold samples (ThresholdSamples), if any
+
+    # The per-example figures' state, kept by :class:`Dynamics`.
+    @property
+    def store(self) -> Optional[PerSampleStore]:
+        """The per-example store (None until the first batch with sample ids)."""
+        return self.dynamics.store
+
+    @property
+    def num_examples(self) -> Optional[int]:
+        """The training set's size: sample ids lie in ``[0, num_examples)``."""
+        return self.dynamics.num_examples
+
+    @num_examples.setter
+    def num_examples(self, n: int) -> None:
+        self.dynamics.resize(n)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.dynamics.num_classes
+
+    @property
+    def task(self) -> Optional[str]:
+        """"classification", "sequence" or "regression", from the first batch; None before it."""
+        return self.dynamics.task
+
+    @property
+    def batches_seen(self) -> int:
+        """Batches whose per-example inputs were accepted so far."""
+        return self.dynamics.batches_ok
 
     # ------------------------------------------------------------------------------------------------ steps
     @contextmanager
@@ -364,10 +342,11 @@ class Introspector:
                 for h in self._step_handles:
                     h.remove()
                 self._step_handles = []
-            if type(loss) is Tensor and loss.ndim == 0 and not loss.requires_grad and self._loss_check:
-                self._loss_buf.append(loss)  # what Lightning hands over: observe_loss, without its calls
-                if len(self._loss_buf) >= SAMPLE_BUFFER_STEPS:
-                    self._drain_samples(offload=True)
+            dyn = self.dynamics
+            if type(loss) is Tensor and loss.ndim == 0 and not loss.requires_grad and dyn.loss_check:
+                dyn.loss_buf.append(loss)  # what Lightning hands over: observe_loss, without its calls
+                if len(dyn.loss_buf) >= SAMPLE_BUFFER_STEPS:
+                    dyn.drain(offload=True)
             elif loss is not None:
                 self.observe_loss(loss)
         finally:
@@ -407,18 +386,7 @@ class Introspector:
     @_timed
     def observe_loss(self, loss: Any) -> None:
         """Counts a non-finite loss on the device (read at the next flush)."""
-        if not self._loss_check or not isinstance(loss, Tensor):
-            return
-        if loss.ndim == 0:
-            # checked in one op at the next drain (Lightning hands over a detached loss: no op on the step then)
-            self._loss_buf.append(loss.detach() if loss.requires_grad else loss)
-            if len(self._loss_buf) >= SAMPLE_BUFFER_STEPS:
-                self._drain_samples(offload=True)
-            return
-        bad = (~torch.isfinite(loss.detach())).any()
-        if self._loss_bad is None:
-            self._loss_bad = torch.zeros((), dtype=torch.float64, device=loss.device)
-        self._loss_bad.add_(bad)
+        self.dynamics.observe_loss(loss)
 
     @_timed
     def observe_gradients(self, optimizer: Optional[torch.optim.Optimizer] = None, *, clipping: bool = False) -> None:
@@ -538,218 +506,7 @@ class Introspector:
         """
         if loss is not None:
             self.observe_loss(loss)
-        sig = None
-        if logits is not None and type(ids) is Tensor and type(targets) is Tensor and type(logits) is Tensor:
-            sig = (ids.shape, targets.shape, logits.shape, ids.dtype, targets.dtype, logits.dtype, logits.device)
-        if sig is not None and sig == self._raw_sig:  # as the last batch checked: its checks (20 us) hold
-            entry: Optional[tuple] = ("raw", ids, targets, logits.detach() if logits.requires_grad else logits)
-        else:
-            try:
-                entry = self._buffer_entry(ids, targets, logits, sample_loss)
-                if entry is None:
-                    return
-                self._ensure_store(entry[1].device if self.store is None else self.store.device)
-            except ValueError as err:
-                if self._batches_ok == 0:
-                    raise
-                self.writer.alert(
-                    f"lightning_introspect skipped a batch at step {self.step_index}: {err}", RuntimeWarning,
-                    key=f"skipped:{str(err)[:60]}",
-                )
-                return
-            if entry[0] == "raw":
-                self._raw_sig = sig
-        self._sample_buf.append(entry)
-        self._batches_ok += 1
-        if len(self._sample_buf) >= SAMPLE_BUFFER_STEPS:
-            self._drain_samples(offload=True)
-
-    def _buffer_entry(self, ids: Any, targets: Any, logits: Any, sample_loss: Any) -> Optional[tuple]:
-        """Checks one batch's inputs (Python only) and returns what to keep until the next drain."""
-        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.ndim != 1:
-            raise ValueError(
-                f"sample ids must be a 1-d integer tensor (one id per example), got "
-                f"{type(ids).__name__}{tuple(ids.shape) if isinstance(ids, Tensor) else ''}. Wrap the dataset in "
-                "`WithIndex` or pass `ids=` to say where the ids are in the batch."
-            )
-        n = ids.shape[0]
-        if n == 0:
-            return None
-        ids = ids.detach()
-        if logits is not None:
-            if not isinstance(logits, Tensor) or not logits.is_floating_point():
-                raise ValueError(f"logits must be a floating-point tensor, got {type(logits).__name__}.")
-            if not isinstance(targets, Tensor) or targets.is_floating_point():
-                raise ValueError(
-                    "integer class targets are needed with logits, got "
-                    f"{type(targets).__name__ if not isinstance(targets, Tensor) else targets.dtype}; "
-                    "return them as `targets` from training_step or set `targets=` to their place in the batch."
-                )
-            C = logits.shape[-1] if logits.ndim else 0  # a 0-d tensor (a loss) fits nothing below
-            fits = (logits.ndim == 2 and targets.shape == (n,) or logits.ndim == 3 and logits.shape[:2] == targets.shape)
-            if fits and logits.shape[0] == n and C >= 2 and self.num_classes not in (None, C):
-                raise ValueError(f"logits have {C} classes where earlier batches had {self.num_classes}.")
-            if logits.ndim == 2 and targets.shape == (n,) and logits.shape[0] == n and C >= 2:
-                self.task = self.task or "classification"
-                self.num_classes = C
-                if logits.numel() <= MAX_BUFFERED_LOGITS:
-                    return ("raw", ids, targets.detach(), logits.detach())
-                loss, margin, conf, correct, valid, other = classification_figures_with_other(
-                    logits, targets, self.config.ignore_index
-                )
-                return ("fig", ids, (loss, margin, conf, correct), targets.detach(), valid, other)
-            if logits.ndim == 3 and logits.shape[:2] == targets.shape and logits.shape[0] == n and C >= 2:
-                self.task = self.task or "sequence"
-                self.num_classes = C
-                loss, margin, conf, correct, valid = sequence_figures(logits, targets, self.config.ignore_index)
-                return ("fig", ids, (loss, margin, conf, correct), None, valid, None)
-            raise ValueError(
-                f"logits of shape {tuple(logits.shape)} do not fit targets of shape {tuple(targets.shape)} and "
-                f"{n} sample ids: expected logits (N, C) with C >= 2 and targets (N,), or logits (N, T, C) and "
-                "targets (N, T). Return per-example logits from training_step as {'loss': ..., 'logits': ...}."
-            )
-        if sample_loss is not None:
-            if not isinstance(sample_loss, Tensor) or sample_loss.shape != (n,):
-                raise ValueError(
-                    f"`sample_loss` must be a (N,) tensor with one loss per example (N = {n} ids), got "
-                    f"{tuple(sample_loss.shape) if isinstance(sample_loss, Tensor) else type(sample_loss).__name__}."
-                )
-            self.task = self.task or "regression"
-            return ("fig", ids, (sample_loss.detach(),), None, None, None)
-        raise ValueError(
-            "no logits and no per-example loss for per-example dynamics: return {'loss': loss, 'logits': logits} "
-            "(or 'sample_loss': a (N,) tensor) from training_step, or turn them off with `sample_dynamics=False`."
-        )
-
-    def _drain_samples(self, offload: bool = False) -> None:
-        """Counts the buffered non-finite losses, and computes and scatters the buffered batches' figures in
-        one pass. With ``offload`` (a full buffer, mid-epoch) that pass runs on the writer thread, in order
-        with the flushes, during a backward window (about 1 ms of kernel launches every SAMPLE_BUFFER_STEPS
-        steps on a CPU: 70 us a step off the training thread); under DDP it stays here, as every collective
-        does. Without ``offload`` (explicit flushes, epoch ends, checkpoints: the readers of the store) it runs
-        here once every reduce handed off before it is done."""
-        self._drain_losses()
-        if not offload:  # every reader of the store comes here first, even with nothing buffered since
-            self._wait_for_reduces()
-        buf, self._sample_buf = self._sample_buf, []
-        if not buf or self.store is None:
-            return
-        raw = self._join_raws(buf)
-        figs = [e for e in buf if e[0] == "fig"]
-        del buf
-        if offload and not dist.is_distributed():
-            device = self.store.device
-            stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-            reduces = self._reduces
-            while reduces and reduces[0].done:  # read without the lock: a stale False keeps one a while longer
-                reduces.popleft()
-            job = _Reduce(lambda: self._reduce_on_writer(raw, figs, stream), self._reduce_lock)
-            reduces.append(job)
-            if not self.writer.offer(job):  # a full queue or a closed writer: here, after those before it
-                self._wait_for_reduces()
-            return
-        with self._reduce_lock:
-            self._reduce(raw, figs)
-
-    @staticmethod
-    def _join_raws(buf: list[tuple]) -> Optional[tuple]:
-        """The buffered batches with logits as one ``(ids, targets, logits, batch sizes)``, joined here, on the
-        training thread (three copies, a few microseconds), so that the dozens of small tensors are freed now,
-        in the order they came: kept until the writer runs, they would sit between the next step's activations
-        and hold the heap apart (measured: about 12 MB more peak memory on the MLP benchmark)."""
-        raws = [e for e in buf if e[0] == "raw"]
-        if not raws:
-            return None
-        # cat promotes mixed target dtypes: one conversion in the reduce, not one per step
-        return (torch.cat([e[1] for e in raws]), torch.cat([e[2] for e in raws]), torch.cat([e[3] for e in raws]),
-                [e[1].shape[0] for e in raws])
-
-    def _wait_for_reduces(self) -> None:
-        """Runs here, in order, every reduce handed to the writer thread that it has not started, and waits for
-        the one it runs: the store is then complete. No wait for the writer's other jobs (figures, pictures),
-        and none that can time out: a slow or stuck writer cannot make an epoch end fold a partial epoch."""
-        reduces = self._reduces
-        while reduces:
-            reduces.popleft()()
-
-    def _reduce_on_writer(self, raw: Optional[tuple], figs: list[tuple], stream: Any) -> None:
-        """A reduce on the writer thread, or on the training thread when it waits for the store (see
-        :class:`_Reduce`, which holds the lock); on CUDA on the training thread's stream, which produced the
-        buffered tensors."""
-        try:
-            with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
-                self._reduce(raw, figs)
-        except Exception as err:  # inputs were checked when buffered: this is a bug or the device failing
-            batches = len(figs) + (len(raw[3]) if raw is not None else 0)
-            self.writer.alert(
-                f"lightning_introspect lost the per-example figures of {batches} batches "
-                f"({type(err).__name__}: {err}); training goes on.", RuntimeWarning, key="lost per-example",
-            )
-
-    def _reduce(self, raw: Optional[tuple], figs: list[tuple]) -> None:
-        """The buffered batches' figures, computed in one pass over their concatenation and scattered:
-        ``raw`` as :meth:`_join_raws` returns it, ``figs`` the batches that came with per-example figures."""
-        store = self.store
-        assert store is not None
-        if raw is not None:
-            ids, targets, logits, sizes = raw
-            if targets.dtype != torch.long:
-                targets = targets.long()
-            loss, margin, conf, correct, valid, other = classification_figures_with_other(
-                logits, targets, self.config.ignore_index
-            )
-            store.observe(
-                ids, loss, margin, conf, correct, labels=targets, valid=valid, batch_sizes=sizes, other=other
-            )
-        groups: dict[tuple, list[tuple]] = {}
-        for e in figs:
-            groups.setdefault((len(e[2]), e[3] is None, e[4] is None, e[5] is None), []).append(e)
-        for (n_fields, no_labels, no_valid, no_other), entries in groups.items():
-            fields = [torch.cat([e[2][i].reshape(-1) for e in entries]) for i in range(n_fields)]
-            store.observe(
-                torch.cat([e[1] for e in entries]), *fields,
-                labels=None if no_labels else torch.cat([e[3] for e in entries]),
-                valid=None if no_valid else torch.cat([e[4] for e in entries]),
-                batch_sizes=[e[1].shape[0] for e in entries],
-                other=None if no_other else torch.cat([e[5] for e in entries]),
-            )
-
-    def _drain_losses(self) -> None:
-        """Counts the non-finite ones among the buffered step losses, in one op."""
-        if self._loss_buf:
-            losses, self._loss_buf = self._loss_buf, []
-            stacked = torch.stack(losses)  # promotes mixed dtypes
-            if self._loss_bad is None:
-                self._loss_bad = torch.zeros((), dtype=torch.float64, device=stacked.device)
-            self._loss_bad.add_((~torch.isfinite(stacked)).sum())
-
-    def _ensure_store(self, device: torch.device) -> PerSampleStore:
-        if self.store is None:
-            if self.num_examples is None:
-                raise ValueError(
-                    "the number of training examples is unknown: pass `num_examples=` (sample ids must lie in "
-                    "[0, num_examples))."
-                )
-            self.store = PerSampleStore(self.num_examples, device)
-            if self._pending_state is not None:
-                self._load_store(self._pending_state)
-        return self.store
-
-    def _load_store(self, state: dict[str, Any]) -> None:
-        assert self.store is not None
-        self.store.load_state_dict(state)
-        for k in PerSampleStore._AGGREGATES + PerSampleStore._EPOCH_BUFFERS + ("bad",):
-            setattr(self.store, k, getattr(self.store, k).to(self.store.device))
-        if self.num_examples is not None and self.num_examples > self.store.num_examples:
-            self.writer.alert(
-                f"lightning_introspect: the training set grew from {self.store.num_examples} to {self.num_examples} "
-                "examples since the checkpoint; records of the old examples are kept, new ones start empty.",
-                RuntimeWarning,
-            )
-            self.store.grow(self.num_examples)
-        self._pending_state = None
-        with allow_sync():  # resume: the forgotten fraction of the next epoch compares against these
-            self._prev_forgets = self.store.forgetting_events.cpu().numpy().astype(np.int64)
+        self.dynamics.observe_batch(ids, targets, logits, sample_loss, self.step_index)
 
     def _on_skip(self, name: str, reason: str) -> None:
         if name not in self._skipped:
@@ -790,9 +547,9 @@ class Introspector:
         step = self.step_index if counters_only else self._pending
         assert step is not None
         if drain:
-            self._drain_samples()
+            self.dynamics.drain()
         else:
-            self._drain_losses()
+            self.dynamics.drain_losses()
         self._pending = None
         self._steps_since_flush = 0
         cfg = self.config
@@ -804,17 +561,7 @@ class Introspector:
             sts = [st for _, st in layers]
             captures = [st.take_captures() for st in sts]
             counts = to_device([float(c.count) for c in captures] + [0.0], torch.float64, device)
-            loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.float64, device=device)
-            store_bad = torch.zeros(len(BAD_INPUT_NAMES), dtype=torch.float64, device=device)
-            # A reduce running on the writer thread holds the lock: its counts are read at a later flush.
-            if self.store is not None and self._reduce_lock.acquire(blocking=False):
-                try:
-                    store_bad = self.store.take_bad_counts()
-                finally:
-                    self._reduce_lock.release()
-            extra = torch.cat([loss_bad.reshape(1).to(device, torch.float64), store_bad.to(device)])
-            if self._loss_bad is not None:
-                self._loss_bad.zero_()  # after the copy into `extra` (stream order on CUDA)
+            extra = self.dynamics.take_counters(device)  # a reduce running on the writer keeps its counts
             proposed = self.schedule.proposed_interval()
             interval = to_device([-float(proposed)], torch.float32, device)
             grad_observed = grad.observed and not counters_only
@@ -1181,11 +928,11 @@ class Introspector:
         self.writer.poll()
         self.flush()
         self._warn_uncalled_layers()
-        self._drain_samples()
+        self.dynamics.drain()
         self.schedule.pause()
         store = self.store
         if store is None and dist.is_distributed() and self.num_examples is not None:
-            store = self._ensure_store(self._device())  # a rank that saw no batch still joins the epoch-end round
+            store = self.dynamics.ensure_store(self._device())  # a rank that saw no batch still joins the epoch-end round
         if store is None:
             return
         with allow_sync():
@@ -1242,11 +989,12 @@ class Introspector:
         n_seen = max(int(seen.sum()), 1)
         scalars = {"samples/learned_fraction": float((records["last_correct"] == 1).sum() / n_seen)}
         forgets = records["forgetting_events"].astype(np.int64)
-        if self._prev_forgets is not None and self._prev_forgets.shape == forgets.shape:
-            scalars["samples/forgotten_fraction"] = float((forgets > self._prev_forgets).sum() / n_seen)
+        prev = self.dynamics.forgets_before
+        if prev is not None and prev.shape == forgets.shape:
+            scalars["samples/forgotten_fraction"] = float((forgets > prev).sum() / n_seen)
         else:
             scalars["samples/forgotten_fraction"] = float((forgets > 0).sum() / n_seen)
-        self._prev_forgets = forgets
+        self.dynamics.forgets_before = forgets
         suspects = None
         # The data map and the suspects table stall training while they are drawn (see EXTRAS_DUTY): they are
         # refreshed only while they take at most EXTRAS_DUTY of the wall time since the previous refresh.
@@ -1317,7 +1065,7 @@ class Introspector:
                     "no per-example records yet: they exist after the first training epoch with sample ids "
                     "(wrap the training set in `WithIndex`)."
                 )
-            self._wait_for_reduces()
+            self.dynamics.wait_for_reduces()
             with allow_sync():
                 self._records = self.store.records()
         return self._records
@@ -1356,7 +1104,7 @@ class Introspector:
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: schedule, dead-unit streaks, per-example store."""
-        self._drain_samples()  # the per-example store is complete after it, however slow the writer
+        self.dynamics.drain()  # the per-example store is complete after it, however slow the writer
         self._submit_held()
         if not self.writer.drain():  # a flush folded on the writer thread moves the streaks on: let it finish
             self.writer.alert(
@@ -1389,14 +1137,10 @@ class Introspector:
             self.layer_stats[name] = st
         self.samples_flushed = self._flushed_before = int(state["samples_flushed"])
         self.epochs_done = int(state["epochs_done"])
-        self.num_classes = state.get("num_classes")
-        self.task = state.get("task")
+        self.dynamics.num_classes = state.get("num_classes")
+        self.dynamics.task = state.get("task")
         if state.get("store") is not None:
-            self._pending_state = dict(state["store"])
-            if self.store is not None:
-                self._load_store(self._pending_state)
-            elif self.num_examples is None:
-                self.num_examples = int(state["store"]["num_examples"])
+            self.dynamics.load_state(state["store"])
 
 
 def _hist_proto_args(

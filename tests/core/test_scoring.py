@@ -441,7 +441,8 @@ def test_introspector_records_equal_a_per_batch_reference_over_odd_batches() -> 
     from torch import nn
 
     from lightning_introspect.core.config import IntrospectConfig
-    from lightning_introspect.core.introspector import SAMPLE_BUFFER_STEPS, Introspector
+    from lightning_introspect.core import Introspector
+    from lightning_introspect.core.dynamics import SAMPLE_BUFFER_STEPS
     from lightning_introspect.core.samples import classification_figures
 
     n, classes = 5000, 5
@@ -482,12 +483,8 @@ def test_per_example_passes_run_on_the_writer_thread_or_are_taken_back_in_order(
     from torch import nn
 
     from lightning_introspect.core.config import IntrospectConfig
-    from lightning_introspect.core.introspector import SAMPLE_BUFFER_STEPS, Introspector
-
-    class Watched(Introspector):
-        def _reduce(self, raw: object, figs: list) -> None:
-            self.threads.append(threading.get_ident())
-            super()._reduce(raw, figs)
+    from lightning_introspect.core import Introspector
+    from lightning_introspect.core.dynamics import SAMPLE_BUFFER_STEPS
 
     n, size, classes = 3 * SAMPLE_BUFFER_STEPS * 8 + 40, 8, 3
     steps = n // size
@@ -495,8 +492,15 @@ def test_per_example_passes_run_on_the_writer_thread_or_are_taken_back_in_order(
 
     def epoch(writer_held: bool) -> tuple[list[int], dict]:
         model = nn.Sequential(nn.Linear(4, classes))
-        intro = Watched(model, IntrospectConfig(every_n_steps=10**6, warmup_steps=0), num_examples=n)
-        intro.threads = []
+        intro = Introspector(model, IntrospectConfig(every_n_steps=10**6, warmup_steps=0), num_examples=n)
+        threads: list[int] = []
+        reduce = intro.dynamics._reduce
+
+        def watched(raw: object, figs: list) -> None:  # records the thread that runs each reduce
+            threads.append(threading.get_ident())
+            reduce(raw, figs)  # type: ignore[arg-type]
+
+        intro.dynamics._reduce = watched  # type: ignore[method-assign]
         release = threading.Event()
         if writer_held:
             intro.writer.submit(release.wait)  # the writer is behind: the reduces queue up behind this
@@ -509,14 +513,14 @@ def test_per_example_passes_run_on_the_writer_thread_or_are_taken_back_in_order(
                     logits=torch.randn(size, classes, generator=g), loss=torch.tensor(1.0),
                 )
         if writer_held:
-            assert intro.threads == []  # all queued behind the held job
+            assert threads == []  # all queued behind the held job
         else:
             intro.writer.drain()  # the writer is free: it has reduced every full buffer
         intro.end_epoch(0, steps)
         records = intro.records()
         release.set()
         intro.close()
-        return intro.threads, records
+        return threads, records
 
     full = steps // SAMPLE_BUFFER_STEPS
     for held in (False, True):
@@ -536,7 +540,8 @@ def test_batches_reduced_together_off_thread_keep_their_ids_apart() -> None:
     from torch import nn
 
     from lightning_introspect.core.config import IntrospectConfig
-    from lightning_introspect.core.introspector import SAMPLE_BUFFER_STEPS, Introspector
+    from lightning_introspect.core import Introspector
+    from lightning_introspect.core.dynamics import SAMPLE_BUFFER_STEPS
     from lightning_introspect.core.samples import BAD_INPUT_NAMES
 
     n, classes, steps = 8, 3, 2 * SAMPLE_BUFFER_STEPS
@@ -544,7 +549,7 @@ def test_batches_reduced_together_off_thread_keep_their_ids_apart() -> None:
     for step in range(steps):
         with intro.step(step):
             intro.observe_batch(torch.arange(n), targets=torch.arange(n) % classes, logits=torch.randn(n, classes))
-    intro._wait_for_reduces()
+    intro.dynamics.wait_for_reduces()
     assert intro.store is not None
     bad = dict(zip(BAD_INPUT_NAMES, intro.store.bad.tolist()))
     counts = intro.store.epoch[:n, 0]

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_introspect import Introspect, WithIndex
-from lightning_introspect.core.introspector import FOLD_BATCH, SAMPLE_BUFFER_STEPS
+from lightning_introspect.core.dynamics import SAMPLE_BUFFER_STEPS
+from lightning_introspect.core.introspector import FOLD_BATCH
 from lightning_introspect.records import read_records
 
 PACKAGE = "lightning.pytorch"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_introspect.core import IntrospectConfig, Introspector
-from lightning_introspect.core.introspector import SAMPLE_BUFFER_STEPS
+from lightning_introspect.core.dynamics import SAMPLE_BUFFER_STEPS, Dynamics
 from lightning_introspect.records import read_records
 
 N, C, BATCH = 64, 3, 4
@@ -100,15 +100,15 @@ def test_epoch_end_waits_for_the_reduce_the_writer_is_running(
     epochs = 2
     logits, targets = data(epochs)
     entered = threading.Event()
-    reduce = Introspector._reduce
+    reduce = Dynamics._reduce
 
-    def slow_reduce(self: Introspector, raw: Any, figs: list) -> None:
+    def slow_reduce(self: Dynamics, raw: Any, figs: list) -> None:
         if threading.current_thread() is self.writer._thread:
             entered.set()
             time.sleep(0.1)  # fault injection: the writer is slow; the test's order comes from `entered`
         reduce(self, raw, figs)
 
-    monkeypatch.setattr(Introspector, "_reduce", slow_reduce)
+    monkeypatch.setattr(Dynamics, "_reduce", slow_reduce)
     step = 0
     for e in range(epochs):
         entered.clear()
