@@ -24,7 +24,6 @@ Example (a plain loop):
 """
 from __future__ import annotations
 
-import gc
 import math
 import sys
 import time
@@ -41,6 +40,7 @@ from . import dist
 from ._sync import allow_sync
 from .config import ACTIVATION_TYPES, IntrospectConfig
 from .hooks import HookSet, plain_name, select_layers
+from .contracts import EXTRAS_DUTY, EpochOutput, LayerHistograms, Publisher, default_publisher  # noqa: F401 (EXTRAS_DUTY: re-export)
 from .dynamics import SAMPLE_BUFFER_STEPS, Dynamics
 from .samples import BAD_INPUT_NAMES, PerSampleStore, bad_input_message
 from .schedule import SamplingSchedule, quantize_interval
@@ -51,12 +51,6 @@ from .writer import AsyncWriter
 F = TypeVar("F", bound=Callable[..., Any])
 _EDGES = histogram_edges()
 DIAGNOSE_STEPS = 3
-# The epoch-end data map and suspects table (matplotlib: about 180 ms for 12,800 examples on this CPU) are
-# redrawn only while they take at most EXTRAS_DUTY of the wall time since the last redraw. They run on the
-# writer thread, but that does not hide them: matplotlib is Python that holds the GIL, and a training step
-# beside a redraw takes 4-5x as long (the CNN benchmark's model: 45-56 ms instead of 11), so a redraw costs
-# training about its own duration. The last epoch's picture is always drawn, at close.
-EXTRAS_DUTY = 0.01
 # Windows of consecutive sampled steps (every step sampled: dense warm-up, every_n_steps=1) are handed to the
 # writer thread this many at a time, for one fold, one pack and one host copy. The writer's Python holds the
 # GIL, and the training thread waits for it even in its backward pass; a fold's Python costs about as much
@@ -73,7 +67,6 @@ _GRAD_TAGS = ("grad_norm", "grad_to_weight", "update_to_weight")
 _PARAM_TAGS = ("param_grad_norm",)
 _GLOBAL_GRAD_TAGS = ("grad_norm/global", "grad_norm/global_clipped")  # not layers
 _HIST_TAGS = ("activation_hist",)
-MAX_WRITTEN_BUCKETS = 40  # histogram buckets per event (adjacent ones merged beyond)
 
 
 class _Window(NamedTuple):
@@ -130,46 +123,6 @@ class _OwnTime:
             self.core.overhead_seconds += time.perf_counter() - self.t0
 
 
-def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
-    """Custom-scalars layout: one multi-line chart per statistic, one line per layer (tags are regexes)."""
-    layout: dict[str, dict[str, list]] = {}
-    if config.activations:
-        layout["Activations (one line per layer)"] = {
-            title: ["Multiline", [rf"^activation_{key}/"]]
-            for title, key in (("mean", "mean"), ("std", "std"), ("min", "min"), ("max", "max"),
-                               ("fraction of zeros", "zero_fraction"), ("non-finite values", "nonfinite"))
-        }
-    if config.dead_units:
-        layout["Dead units (one line per layer)"] = {
-            "dead fraction": ["Multiline", [r"^dead_fraction/"]],
-            "dead count": ["Multiline", [r"^dead_count/"]],
-            "windows the longest-dead unit has stayed dead": ["Multiline", [r"^dead_windows/"]],
-        }
-        layout["Saturated units (one line per layer)"] = {
-            "saturated fraction": ["Multiline", [r"^saturated_fraction/"]],
-            "saturated count": ["Multiline", [r"^saturated_count/"]],
-            "windows the longest-saturated unit has stayed saturated": ["Multiline", [r"^saturated_windows/"]],
-        }
-    if config.grad_norms:
-        # The global norm is apart: on one axis with the layers it is the largest line and squashes them.
-        charts = {"gradient L2 norm (global)": ["Multiline", [r"^grad_norm/global(_clipped)?$"]],
-                  "gradient L2 norm per layer": ["Multiline", [r"^grad_norm/(?!global(_clipped)?$)"]],
-                  "gradient / weight norm": ["Multiline", [r"^grad_to_weight/"]]}
-        if config.update_ratios:
-            charts["update / weight norm"] = ["Multiline", [r"^update_to_weight/"]]
-        if config.param_grad_norms:
-            charts["gradient norm per parameter"] = ["Multiline", [r"^param_grad_norm/"]]
-        layout["Gradients"] = charts
-    layout["Per-example dynamics"] = {
-        "learned, forgotten and flagged fractions": ["Multiline", [r"^samples/.*_fraction$"]],
-    }
-    layout["Introspection cost"] = {
-        "sampling interval (steps)": ["Multiline", [r"^introspect/interval$"]],
-        "estimated slowdown": ["Multiline", [r"^introspect/overhead$"]],
-    }
-    return layout
-
-
 class Introspector:
     """Records per-layer statistics on sampled steps and per-example dynamics on every step.
 
@@ -184,6 +137,9 @@ class Introspector:
         on_scalars: called on the training thread with ``(scalars, step)`` after they were written, e.g. to
             forward them to another logger.
         class_names: names of the classes, for reports.
+        is_writer: whether this process writes (default: rank 0).
+        publisher: writes each epoch's outputs (records, suspects, pictures); default: the package's
+            :class:`~lightning_introspect.publish.RecordsPublisher` over ``records_dir`` and ``class_names``.
     """
 
     def __init__(
@@ -197,6 +153,7 @@ class Introspector:
         on_scalars: Optional[Callable[[dict[str, float], int], None]] = None,
         class_names: Optional[Sequence[str]] = None,
         is_writer: Optional[bool] = None,
+        publisher: Optional[Publisher] = None,
     ) -> None:
         self.config = config = config or IntrospectConfig()
         self.model = model
@@ -218,6 +175,7 @@ class Introspector:
         )
         self.sinks = list(sinks)
         self.records_dir = Path(records_dir) if records_dir is not None else None
+        self.publisher = publisher if publisher is not None else default_publisher(config, self.records_dir, class_names)
         self.on_scalars = on_scalars
         self.class_names = list(class_names) if class_names is not None else None
         self.is_writer = dist.rank() == 0 if is_writer is None else is_writer
@@ -240,9 +198,6 @@ class Introspector:
         self._dead_layers: Optional[dict[str, str]] = None
         self._uncalled_checked = False
         self._steps_since_flush = 0
-        self._extras_cost = 0.0  # seconds the last epoch-end picture + suspects table took (writer thread)
-        self._extras_done = -math.inf
-        self._skipped_extras: Optional[tuple] = None
         self.threshold_ids: Optional[np.ndarray] = None  # AUM threshold samples (ThresholdSamples), if any
 
     # The per-example figures' state, kept by :class:`Dynamics`.
@@ -799,21 +754,16 @@ class Introspector:
         if meta["overhead"] is not None:
             scalars["introspect/overhead"] = meta["overhead"]
         self._alerts_for_flush(step, meta, extra, nonfinite_layers, scalars)
-        raw: Optional[list[tuple[str, dict[str, Any]]]] = None
+        histograms = None
+        if meta["histogram"] and cfg.histograms and self.sinks:
+            tags = [self._tags(layer[0], _HIST_TAGS)[0] for layer in meta["layers"]]
+            histograms = LayerHistograms(tags, hist, mins, sums, counts, _EDGES)
         for sink in self.sinks:
-            if not self._layout_written and hasattr(sink, "add_layout"):
-                sink.add_layout(tensorboard_layout(cfg))
+            if not self._layout_written:
+                sink.add_layout(cfg)
             sink.add_scalars(scalars, step)
-            if meta["histogram"] and cfg.histograms:
-                if raw is None:
-                    args = _hist_proto_args(hist, mins, sums, counts)
-                    raw = [(self._tags(layer[0], _HIST_TAGS)[0], h) for layer, h in zip(meta["layers"], args)
-                           if h is not None]
-                if hasattr(sink, "add_histograms_raw"):
-                    sink.add_histograms_raw(raw, step)
-                else:
-                    for tag, h in raw:
-                        sink.add_histogram_raw(tag, step, **h)
+            if histograms is not None:
+                sink.add_layer_histograms(histograms, step)
             sink.flush()
         self._layout_written = True
         if self.on_scalars is not None:
@@ -979,12 +929,7 @@ class Introspector:
         self, records: dict[str, np.ndarray], means: Optional[dict[str, np.ndarray]], meta: dict[str, Any],
         epoch: int, step: int,
     ) -> None:
-        from .. import records as rec_io
-
-        if self.records_dir is not None:
-            rec_io.write_records(self.records_dir, records, meta)
-            if self.config.history and means is not None:
-                rec_io.write_epoch_history(self.records_dir, epoch, means)
+        """The epoch's scalars, then the publisher's outputs (writer thread, in order with the other epochs)."""
         seen = records["seen_epochs"] > 0
         n_seen = max(int(seen.sum()), 1)
         scalars = {"samples/learned_fraction": float((records["last_correct"] == 1).sum() / n_seen)}
@@ -995,66 +940,11 @@ class Introspector:
         else:
             scalars["samples/forgotten_fraction"] = float((forgets > 0).sum() / n_seen)
         self.dynamics.forgets_before = forgets
-        suspects = None
-        # The data map and the suspects table stall training while they are drawn (see EXTRAS_DUTY): they are
-        # refreshed only while they take at most EXTRAS_DUTY of the wall time since the previous refresh.
-        t0 = time.monotonic()
-        extras = t0 - self._extras_done >= self._extras_cost / EXTRAS_DUTY
-        suspects = self._suspects_for(records, meta) if extras else None
-        if suspects is not None:
-            scalars["samples/flagged_fraction"] = float(suspects.flagged.sum() / n_seen)
-        for sink in self.sinks:
-            sink.add_scalars(scalars, step)
-            if means is not None:
-                for key in ("loss", "margin", "confidence"):
-                    sink.add_histogram(f"samples/{key}", means[key][means["seen"]], step)
-        self._write_pictures(records, suspects, epoch, step)
-        for sink in self.sinks:
-            sink.flush()
-        # A skipped refresh is done at close, so that the last picture always shows the end of training.
-        self._skipped_extras = None if extras else (records, meta, epoch, step)
-        if extras:
-            self._extras_done = time.monotonic()
-            self._extras_cost = self._extras_done - t0
+        out = EpochOutput(records, means, meta, epoch, step, scalars, self.threshold_ids)
+        scalars = self.publisher.publish_epoch(out, self.sinks)
         if self.on_scalars is not None:
             cb = self.on_scalars
             self._main(lambda: cb(scalars, step))
-
-    def _suspects_for(self, records: dict[str, np.ndarray], meta: dict[str, Any]) -> Any:
-        if meta["task"] == "regression":
-            return None
-        from .scoring import find_label_issues
-
-        return find_label_issues(records, threshold_ids=self.threshold_ids, num_classes=meta["num_classes"])
-
-    def _write_pictures(self, records: dict[str, np.ndarray], suspects: Any, epoch: int, step: int) -> None:
-        """The suspects table and the data-map image (writer thread)."""
-        if suspects is None or not self.sinks:
-            return
-        from ..datamap import render_data_map
-
-        image = render_data_map(records, suspects=suspects, class_names=self.class_names)
-        # A matplotlib figure is a web of reference cycles: only the cyclic collector frees it, and a full
-        # collection is rare in a training process, so each epoch's figure (MBs) would pile up until then.
-        # The young generations hold most of it; collecting them costs a few ms on this thread.
-        gc.collect(1)
-        confusion = _confusion_markdown(suspects, self.class_names, epoch)
-        for sink in self.sinks:
-            sink.add_text("samples/suspects", _suspects_markdown(suspects, self.class_names, epoch), step)
-            if confusion is not None:
-                sink.add_text("samples/confusion", confusion, step)
-            sink.add_image("samples/data_map", image, step)
-
-    def _write_skipped_extras(self) -> None:
-        if self._skipped_extras is not None:
-            records, meta, epoch, step = self._skipped_extras
-            self._skipped_extras = None
-            suspects = self._suspects_for(records, meta)
-            if suspects is not None:
-                n_seen = max(int((records["seen_epochs"] > 0).sum()), 1)
-                for sink in self.sinks:
-                    sink.add_scalars({"samples/flagged_fraction": float(suspects.flagged.sum() / n_seen)}, step)
-            self._write_pictures(records, suspects, epoch, step)
 
     # ------------------------------------------------------------------------------------------------ results
     def records(self) -> dict[str, np.ndarray]:
@@ -1085,7 +975,7 @@ class Introspector:
         """Flushes what is pending, waits for the writer and closes the sinks (idempotent)."""
         self.end_step()
         self.flush()
-        self._submit(self._write_skipped_extras, required=True)
+        self._submit(lambda: self.publisher.finish(self.sinks), required=True)
         if self.sinks:  # on the writer thread, after every job that writes to them
             self.writer.submit(self._close_sinks, required=True)
         self.writer.close()
@@ -1141,88 +1031,3 @@ class Introspector:
         self.dynamics.task = state.get("task")
         if state.get("store") is not None:
             self.dynamics.load_state(state["store"])
-
-
-def _hist_proto_args(
-    hist: np.ndarray, mins: np.ndarray, sums: np.ndarray, counts: np.ndarray
-) -> list[Optional[dict[str, Any]]]:
-    """Keyword arguments of ``add_histogram_raw`` for each layer's bucket counts (rows of ``hist`` (L, BINS),
-    with the layers' ``mins`` [min, -max], ``sums`` [sum, sum of squares, ...] and subsampled ``counts``):
-    only the span of non-empty buckets, the outer edges clipped to the exact min and max; more than
-    ``MAX_WRITTEN_BUCKETS`` adjacent buckets merged (TensorBoard shows ~30 bins anyway, and smaller events cost
-    the writer less). None for a layer with nothing to show. The span search and the totals are one numpy pass
-    over all layers."""
-    nonzero = hist != 0
-    shown = nonzero.any(1)
-    first = nonzero.argmax(1)
-    last = hist.shape[1] - 1 - nonzero[:, ::-1].argmax(1)
-    num = hist.sum(1)
-    with np.errstate(all="ignore"):
-        scale = np.where(counts > 0, num / counts, 0.0)  # the histogram sees a strided subsample
-    out: list[Optional[dict[str, Any]]] = []
-    for i, (ok, i0, i1, lo, neg_hi, n, sc) in enumerate(
-        zip(shown.tolist(), first.tolist(), last.tolist(), mins[:, 0].tolist(), mins[:, 1].tolist(), num.tolist(),
-            scale.tolist())
-    ):
-        if not ok:
-            out.append(None)
-            continue
-        hi = -neg_hi
-        limits = _EDGES[i0 + 1 : i1 + 2].copy()
-        limits[-1] = min(limits[-1], hi) if math.isfinite(limits[-1]) else hi
-        span = hist[i, i0 : i1 + 1]
-        if span.size > MAX_WRITTEN_BUCKETS:  # groups of g adjacent buckets, the last one possibly shorter
-            g = -(-span.size // MAX_WRITTEN_BUCKETS)
-            starts = np.arange(0, span.size, g)
-            span = np.add.reduceat(span, starts)
-            limits = limits[np.minimum(starts + g - 1, limits.size - 1)]
-        out.append({
-            "min": lo, "max": hi, "num": n, "sum": float(sums[i, 0]) * sc, "sum_squares": float(sums[i, 1]) * sc,
-            "bucket_limits": limits, "bucket_counts": span,
-        })
-    return out
-
-
-def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoch: int, top: int = 10) -> str:
-    def name(label: int) -> str:
-        if class_names is not None and 0 <= label < len(class_names):
-            return str(class_names[label])
-        return str(label)
-
-    n_flag = int(np.sum(suspects.flagged))
-    if len(suspects.ids) and (np.asarray(suspects.labels) < 0).all():  # no class labels: sequence (N, T, C) data
-        lines = [
-            f"**Epoch {epoch}: the {min(top, len(suspects.ids))} hardest of {len(suspects.ids)} examples** (scorer "
-            f"`{suspects.method}` over their tokens, lower = harder; {n_flag} score below {suspects.threshold:.3f}). "
-            "For sequences these are hard, atypical or noisy examples, not wrong labels.",
-            "",
-            "| rank | id | score |",
-            "|---:|---:|---:|",
-        ]
-        lines += [f"| {r + 1} | {int(suspects.ids[r])} | {float(suspects.scores[r]):.3f} |"
-                  for r in range(min(top, len(suspects.ids)))]
-        return "\n".join(lines)
-    lines = [
-        f"**Epoch {epoch}: {n_flag} of {len(suspects.ids)} examples flagged as likely mislabeled** "
-        f"(scorer `{suspects.method}`, cut at score {suspects.threshold:.3f}; lower score = more suspect).",
-        "",
-        "| rank | id | given label | suggested label | score | flagged |",
-        "|---:|---:|:---|:---|---:|:---:|",
-    ]
-    suggested = suspects.suggested_labels
-    for r in range(min(top, len(suspects.ids))):
-        sug = "-" if suggested is None or suggested[r] < 0 else name(int(suggested[r]))
-        lines.append(
-            f"| {r + 1} | {int(suspects.ids[r])} | {name(int(suspects.labels[r]))} | {sug} | "
-            f"{float(suspects.scores[r]):.3f} | {'yes' if suspects.flagged[r] else 'no'} |"
-        )
-    return "\n".join(lines)
-
-
-def _confusion_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoch: int) -> Optional[str]:
-    """The per-class view of the flagged examples (top pairs, flagged share per class), or None without
-    class labels (sequence data)."""
-    if len(suspects.ids) == 0 or (np.asarray(suspects.labels) < 0).all():
-        return None
-    view = suspects.class_view()
-    return f"**Epoch {epoch}: flagged examples by class**\n\n" + view.to_markdown(class_names, top=5, max_classes=10)

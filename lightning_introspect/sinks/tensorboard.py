@@ -1,15 +1,20 @@
 """TensorBoard sink over ``torch.utils.tensorboard.SummaryWriter`` (the writer Lightning's logger uses)."""
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ..core.config import IntrospectConfig
+from ..core.contracts import LayerHistograms
 from ._crc import use_fast_crc
+
+MAX_WRITTEN_BUCKETS = 40  # histogram buckets per event (adjacent ones merged beyond)
 
 
 def _varint(n: int) -> bytes:
@@ -189,8 +194,15 @@ class TensorBoardSink:
     def add_text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, global_step=step)
 
-    def add_layout(self, layout: Mapping[str, Mapping[str, list]]) -> None:
-        self.writer.add_custom_scalars(dict(layout))
+    def add_layout(self, config: IntrospectConfig) -> None:
+        """The custom-scalars layout of what ``config`` records (see :func:`tensorboard_layout`)."""
+        self.writer.add_custom_scalars(tensorboard_layout(config))
+
+    def add_layer_histograms(self, histograms: LayerHistograms, step: int) -> None:
+        """Each layer's activation histogram, trimmed to its non-empty buckets, all in one event."""
+        h = histograms
+        args = _hist_proto_args(h.hist, h.mins, h.sums, h.counts, h.edges)
+        self.add_histograms_raw([(tag, a) for tag, a in zip(h.tags, args) if a is not None], step)
 
     def flush(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -202,3 +214,85 @@ class TensorBoardSink:
         self.writer.flush()
         if self._owns_writer:
             self.writer.close()
+
+
+def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
+    """Custom-scalars layout: one multi-line chart per statistic, one line per layer (tags are regexes)."""
+    layout: dict[str, dict[str, list]] = {}
+    if config.activations:
+        layout["Activations (one line per layer)"] = {
+            title: ["Multiline", [rf"^activation_{key}/"]]
+            for title, key in (("mean", "mean"), ("std", "std"), ("min", "min"), ("max", "max"),
+                               ("fraction of zeros", "zero_fraction"), ("non-finite values", "nonfinite"))
+        }
+    if config.dead_units:
+        layout["Dead units (one line per layer)"] = {
+            "dead fraction": ["Multiline", [r"^dead_fraction/"]],
+            "dead count": ["Multiline", [r"^dead_count/"]],
+            "windows the longest-dead unit has stayed dead": ["Multiline", [r"^dead_windows/"]],
+        }
+        layout["Saturated units (one line per layer)"] = {
+            "saturated fraction": ["Multiline", [r"^saturated_fraction/"]],
+            "saturated count": ["Multiline", [r"^saturated_count/"]],
+            "windows the longest-saturated unit has stayed saturated": ["Multiline", [r"^saturated_windows/"]],
+        }
+    if config.grad_norms:
+        # The global norm is apart: on one axis with the layers it is the largest line and squashes them.
+        charts = {"gradient L2 norm (global)": ["Multiline", [r"^grad_norm/global(_clipped)?$"]],
+                  "gradient L2 norm per layer": ["Multiline", [r"^grad_norm/(?!global(_clipped)?$)"]],
+                  "gradient / weight norm": ["Multiline", [r"^grad_to_weight/"]]}
+        if config.update_ratios:
+            charts["update / weight norm"] = ["Multiline", [r"^update_to_weight/"]]
+        if config.param_grad_norms:
+            charts["gradient norm per parameter"] = ["Multiline", [r"^param_grad_norm/"]]
+        layout["Gradients"] = charts
+    layout["Per-example dynamics"] = {
+        "learned, forgotten and flagged fractions": ["Multiline", [r"^samples/.*_fraction$"]],
+    }
+    layout["Introspection cost"] = {
+        "sampling interval (steps)": ["Multiline", [r"^introspect/interval$"]],
+        "estimated slowdown": ["Multiline", [r"^introspect/overhead$"]],
+    }
+    return layout
+
+
+
+
+def _hist_proto_args(
+    hist: np.ndarray, mins: np.ndarray, sums: np.ndarray, counts: np.ndarray, edges: np.ndarray
+) -> list[Optional[dict[str, Any]]]:
+    """Keyword arguments of ``add_histogram_raw`` for each layer's bucket counts (rows of ``hist`` (L, BINS),
+    on ``edges``, with the layers' ``mins`` [min, -max], ``sums`` [sum, sum of squares, ...] and subsampled ``counts``):
+    only the span of non-empty buckets, the outer edges clipped to the exact min and max; more than
+    ``MAX_WRITTEN_BUCKETS`` adjacent buckets merged (TensorBoard shows ~30 bins anyway, and smaller events cost
+    the writer less). None for a layer with nothing to show. The span search and the totals are one numpy pass
+    over all layers."""
+    nonzero = hist != 0
+    shown = nonzero.any(1)
+    first = nonzero.argmax(1)
+    last = hist.shape[1] - 1 - nonzero[:, ::-1].argmax(1)
+    num = hist.sum(1)
+    with np.errstate(all="ignore"):
+        scale = np.where(counts > 0, num / counts, 0.0)  # the histogram sees a strided subsample
+    out: list[Optional[dict[str, Any]]] = []
+    for i, (ok, i0, i1, lo, neg_hi, n, sc) in enumerate(
+        zip(shown.tolist(), first.tolist(), last.tolist(), mins[:, 0].tolist(), mins[:, 1].tolist(), num.tolist(),
+            scale.tolist())
+    ):
+        if not ok:
+            out.append(None)
+            continue
+        hi = -neg_hi
+        limits = edges[i0 + 1 : i1 + 2].copy()
+        limits[-1] = min(limits[-1], hi) if math.isfinite(limits[-1]) else hi
+        span = hist[i, i0 : i1 + 1]
+        if span.size > MAX_WRITTEN_BUCKETS:  # groups of g adjacent buckets, the last one possibly shorter
+            g = -(-span.size // MAX_WRITTEN_BUCKETS)
+            starts = np.arange(0, span.size, g)
+            span = np.add.reduceat(span, starts)
+            limits = limits[np.minimum(starts + g - 1, limits.size - 1)]
+        out.append({
+            "min": lo, "max": hi, "num": n, "sum": float(sums[i, 0]) * sc, "sum_squares": float(sums[i, 1]) * sc,
+            "bucket_limits": limits, "bucket_counts": span,
+        })
+    return out
