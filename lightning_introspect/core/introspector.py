@@ -38,11 +38,12 @@ from torch import Tensor, nn
 
 from . import dist
 from ._sync import allow_sync
-from .config import ACTIVATION_TYPES, IntrospectConfig
+from .config import IntrospectConfig
 from .hooks import HookSet, plain_name, select_layers
+from .alerts import Alerts
 from .contracts import EXTRAS_DUTY, EpochOutput, LayerHistograms, Publisher, default_publisher  # noqa: F401 (EXTRAS_DUTY: re-export)
 from .dynamics import SAMPLE_BUFFER_STEPS, Dynamics
-from .samples import BAD_INPUT_NAMES, PerSampleStore, bad_input_message
+from .samples import BAD_INPUT_NAMES, PerSampleStore
 from .schedule import SamplingSchedule, quantize_interval
 from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
 from .units import unit_rule
@@ -50,7 +51,6 @@ from .writer import AsyncWriter
 
 F = TypeVar("F", bound=Callable[..., Any])
 _EDGES = histogram_edges()
-DIAGNOSE_STEPS = 3
 # Windows of consecutive sampled steps (every step sampled: dense warm-up, every_n_steps=1) are handed to the
 # writer thread this many at a time, for one fold, one pack and one host copy. The writer's Python holds the
 # GIL, and the training thread waits for it even in its backward pass; a fold's Python costs about as much
@@ -65,7 +65,6 @@ _SATURATED_TAGS = ("saturated_fraction", "saturated_count", "saturated_windows")
 _UNIT_TAGS = {"dead": _DEAD_TAGS, "saturated": _SATURATED_TAGS}
 _GRAD_TAGS = ("grad_norm", "grad_to_weight", "update_to_weight")
 _PARAM_TAGS = ("param_grad_norm",)
-_GLOBAL_GRAD_TAGS = ("grad_norm/global", "grad_norm/global_clipped")  # not layers
 _HIST_TAGS = ("activation_hist",)
 
 
@@ -163,23 +162,23 @@ class Introspector:
         watch_layers = config.activations or config.dead_units or config.histograms
         self.layers = select_layers(model, config) if watch_layers else []
         self.layer_stats: dict[str, LayerStats] = {}
-        self._skipped: dict[str, str] = {}
-        self.hooks = HookSet(self.layers, self.layer_stats, config, self._on_skip)
+        self.is_writer = dist.rank() == 0 if is_writer is None else is_writer
+        self.writer = AsyncWriter()
+        self.schedule = SamplingSchedule(
+            config.every_n_steps, config.warmup_steps, config.overhead_budget, config.max_interval
+        )
+        self.alerts = Alerts(config, self.writer, self.layers, self.schedule, self.is_writer)
+        self.hooks = self.alerts.hooks = HookSet(self.layers, self.layer_stats, config, self.alerts.on_skip)
         self._folder = CaptureFolder(config.zero_threshold, config.max_histogram_elements)
         named = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
         self.grad = GradNorms([n for n, _ in named])
         self._param_pos: dict[int, Optional[int]] = {id(p): i for i, (_, p) in enumerate(named)}
         self._params = [p for _, p in named]
-        self.schedule = SamplingSchedule(
-            config.every_n_steps, config.warmup_steps, config.overhead_budget, config.max_interval
-        )
         self.sinks = list(sinks)
         self.records_dir = Path(records_dir) if records_dir is not None else None
         self.publisher = publisher if publisher is not None else default_publisher(config, self.records_dir, class_names)
         self.on_scalars = on_scalars
         self.class_names = list(class_names) if class_names is not None else None
-        self.is_writer = dist.rank() == 0 if is_writer is None else is_writer
-        self.writer = AsyncWriter()
         self.dynamics = Dynamics(config, self.writer, num_examples or config.num_examples)
         self.sampled = False
         self.step_index = 0
@@ -189,14 +188,11 @@ class Introspector:
         self._pending: Optional[int] = None
         self._step_handles: list[Any] = []
         self._eager_stance: Any = None  # the `force_eager` stance of the sampled step in progress (see _run_eager)
-        self._diagnose = 0
         self._layout_written = False
         self._tag_cache: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._held: list[tuple[_Window, dict[str, Any]]] = []  # flushed windows not yet handed to the writer
         self._held_key: Optional[_HeldKey] = None
         self._records: Optional[dict[str, np.ndarray]] = None
-        self._dead_layers: Optional[dict[str, str]] = None
-        self._uncalled_checked = False
         self._steps_since_flush = 0
         self.threshold_ids: Optional[np.ndarray] = None  # AUM threshold samples (ThresholdSamples), if any
 
@@ -257,7 +253,8 @@ class Introspector:
             writer_busy = writer.busy()  # before this step's flush submits work: the last one's still runs
             if self._pending is not None and self._pending != step:
                 self._flush()
-            sampled = self._diagnose > 0 or self.schedule.should_sample(step)
+            alerts = self.alerts
+            sampled = alerts.diagnose > 0 or self.schedule.should_sample(step)
             if self._held and not sampled:  # no flush comes next step: the held windows go now
                 self._submit_held()
             self.schedule.tick(sampled, start, writer_busy=writer_busy)
@@ -265,8 +262,8 @@ class Introspector:
             self.step_index = step
             self._steps_since_flush += 1
             if sampled:
-                if self._pending != step and self._diagnose > 0:
-                    self._diagnose -= 1
+                if self._pending != step and alerts.diagnose > 0:
+                    alerts.diagnose -= 1
                 self._pending = step
                 cfg = self.config
                 self.hooks.histogram = cfg.histograms and self.samples_flushed % cfg.histogram_every_n_samples == 0
@@ -463,14 +460,6 @@ class Introspector:
             self.observe_loss(loss)
         self.dynamics.observe_batch(ids, targets, logits, sample_loss, self.step_index)
 
-    def _on_skip(self, name: str, reason: str) -> None:
-        if name not in self._skipped:
-            self._skipped[name] = reason
-            self.writer.alert(
-                f"lightning_introspect: layer {name!r} {reason}; it is not monitored. Leave it out with `layers=`.",
-                UserWarning,
-            )
-
     # ------------------------------------------------------------------------------------------------ flush
     @_timed
     def flush(self) -> None:
@@ -551,7 +540,7 @@ class Introspector:
             "order": list(self.hooks.order),
             "histogram": histogram,
             "counters_only": counters_only,
-            "dead_layers": self._judged_dead_layers(),
+            "dead_layers": self.alerts.judged_dead_layers(),
             "interval": self.schedule.interval,
             "overhead": self.schedule.expected_overhead(),
         }
@@ -746,14 +735,14 @@ class Introspector:
                 positions = meta["param_positions"]
                 names = [self.grad.param_names[i] for i in positions]
                 scalars.update(zip([self._tags(n, _PARAM_TAGS)[0] for n in names], np.sqrt(pg[positions]).tolist()))
-        self._main(self._warn_if_budget_unreachable)
+        self._main(self.alerts.warn_if_budget_unreachable)
         if meta["counters_only"]:  # an epoch end or close with no sampled step pending: alerts only
-            self._alerts_for_flush(step, meta, extra, nonfinite_layers, scalars)
+            self.alerts.for_flush(step, meta["order"], extra, nonfinite_layers, scalars, self.sinks, self._num_examples_now())
             return
         scalars["introspect/interval"] = float(meta["interval"])
         if meta["overhead"] is not None:
             scalars["introspect/overhead"] = meta["overhead"]
-        self._alerts_for_flush(step, meta, extra, nonfinite_layers, scalars)
+        self.alerts.for_flush(step, meta["order"], extra, nonfinite_layers, scalars, self.sinks, self._num_examples_now())
         histograms = None
         if meta["histogram"] and cfg.histograms and self.sinks:
             tags = [self._tags(layer[0], _HIST_TAGS)[0] for layer in meta["layers"]]
@@ -780,68 +769,8 @@ class Introspector:
             tags = self._tag_cache[key] = tuple(f"{kind}/{name}" for kind in kinds)
         return tags
 
-    def _alerts_for_flush(
-        self, step: int, meta: dict[str, Any], extra: np.ndarray, nonfinite_layers: list[str], scalars: dict[str, float]
-    ) -> None:
-        loss_bad = extra[0]
-        bad = dict(zip(BAD_INPUT_NAMES, extra[1:]))
-        grad_bad = "grad_norm/global" in scalars and not math.isfinite(scalars["grad_norm/global"])
-        if loss_bad > 0 or nonfinite_layers or grad_bad:
-            order = meta["order"]
-            first = min(nonfinite_layers, key=lambda n: order.index(n) if n in order else len(order)) if nonfinite_layers else None
-            parts = []
-            if loss_bad > 0:
-                parts.append(f"the loss was NaN/Inf in {int(loss_bad)} step(s) up to step {step}")
-            if first is not None:
-                parts.append(f"the first layer in forward order with a non-finite output is {first!r}")
-            elif loss_bad > 0:
-                parts.append("no monitored layer produced a non-finite value on the sampled step; the next steps are sampled to find it")
-            if grad_bad:
-                bad_layers = [k.split("/", 1)[1] for k, v in scalars.items() if k.startswith("grad_norm/") and not math.isfinite(v) and k not in _GLOBAL_GRAD_TAGS]
-                parts.append(f"non-finite gradients in {bad_layers[:5]}")
-            message = f"lightning_introspect: non-finite values at step {step}: " + "; ".join(parts) + ". Training goes on."
-            self.writer.alert(message, RuntimeWarning, key="nonfinite")
-            for sink in self.sinks:
-                sink.add_text("alerts/nonfinite", message, step)
-            if first is None:
-                self._main(self._start_diagnosis)
-        problems = {k: int(v) for k, v in bad.items() if v > 0}
-        if problems:
-            n = self.store.num_examples if self.store is not None else self.num_examples
-            message = f"lightning_introspect: per-example figures up to step {step}: " + bad_input_message(
-                problems, n, self.config.ignore_index
-            )
-            self.writer.alert(message, RuntimeWarning, key="bad_input:" + ",".join(sorted(problems)))
-            for sink in self.sinks:
-                sink.add_text("alerts/bad_input", message, step)
-
-    def _judged_dead_layers(self) -> dict[str, str]:
-        """Layers whose units are judged, each with its tag group, "dead" or "saturated" (decided at the first
-        flush, from the forward order; the rules: :mod:`~lightning_introspect.core.units`).
-
-        An activation module is judged by its type's rule (none for activations that pass gradient
-        everywhere). Any other layer is judged by the gradient reaching its output, unless a watched activation
-        module comes right after it in forward order: that module judges the same units.
-        """
-        if self._dead_layers is None and self.hooks.order:
-            order = self.hooks.order
-            acts = {n for n, m in self.layers if isinstance(m, ACTIVATION_TYPES)}
-            judged: dict[str, str] = {}
-            for name, module in self.layers:
-                rule = unit_rule(module, self.config.dead_threshold)
-                if rule is None:
-                    continue
-                if rule.source == "gradient" and name in order:
-                    i = order.index(name)
-                    if i + 1 < len(order) and order[i + 1] in acts:
-                        continue
-                judged[name] = rule.tag
-            self._dead_layers = judged
-            self.hooks.dead_layers = set(judged)
-        return self._dead_layers or {}
-
-    def _start_diagnosis(self) -> None:
-        self._diagnose = DIAGNOSE_STEPS
+    def _num_examples_now(self) -> Optional[int]:
+        return self.store.num_examples if self.store is not None else self.num_examples
 
     def _main(self, job: Callable[[], None]) -> None:
         self.writer.on_main_thread(job)
@@ -857,19 +786,6 @@ class Introspector:
         if interval >= 1:
             self.schedule.interval = interval
 
-    def _warn_if_budget_unreachable(self) -> None:
-        if self.config.overhead_budget is not None:
-            if self.schedule.budget_unreachable and self.is_writer:
-                budget, floor = self.config.overhead_budget, self.schedule.always_on()
-                room = self.schedule.MIN_ROOM
-                self.writer.alert(
-                    f"lightning_introspect: `overhead_budget={budget:g}` cannot be held: the work done on every step "
-                    f"(per-example dynamics) alone slows training by {100 * floor:.1f} %; sampled steps keep a tenth "
-                    f"of the budget, so expect about {100 * (floor + budget * room):.1f} % (the `introspect/overhead` "
-                    "tag). Raise the budget, or pass `sample_dynamics=False` to drop per-example dynamics.",
-                    RuntimeWarning, key="overhead_budget",
-                )
-
     # ------------------------------------------------------------------------------------------------ epochs
     @_timed
     def end_epoch(self, epoch: int, step: int) -> None:
@@ -877,7 +793,7 @@ class Introspector:
         atomically and the epoch's TensorBoard entries. Every rank must call it."""
         self.writer.poll()
         self.flush()
-        self._warn_uncalled_layers()
+        self.alerts.warn_uncalled_layers(self.samples_flushed - self._flushed_before)
         self.dynamics.drain()
         self.schedule.pause()
         store = self.store
@@ -897,25 +813,6 @@ class Introspector:
         self.epochs_done = epoch + 1
         meta = self._records_meta(epoch)
         self._submit(lambda: self._write_epoch(records, means, meta, epoch, step), required=True)
-
-    def _warn_uncalled_layers(self) -> None:
-        """Once, at the first epoch end after a sampled step: names the selected layers that no sampled step
-        called (they have no statistics at all)."""
-        sampled = self.samples_flushed - self._flushed_before
-        if self._uncalled_checked or not self.layers or sampled <= 0:
-            return
-        self._uncalled_checked = True
-        missing = [n for n, _ in self.layers if n not in self.hooks.called and n not in self._skipped]
-        if missing and self.is_writer:
-            self.writer.alert(
-                f"lightning_introspect: {len(missing)} selected layer(s) were not called on any of the "
-                f"{sampled} sampled step(s) so far and have no statistics: {missing[:8]}"
-                f"{' ...' if len(missing) > 8 else ''}. A parent module may use their weights directly, or they sit "
-                "on a branch training does not take. Select modules that are called with `layers=` (name "
-                "patterns) or `layer_types=`.",
-                UserWarning, key="uncalled layers",
-            )
-            self.writer.poll()
 
     def _records_meta(self, epoch: int) -> dict[str, Any]:
         return {
