@@ -24,13 +24,12 @@ Example (a plain loop):
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -38,54 +37,21 @@ from torch import Tensor, nn
 
 from . import dist
 from ._sync import allow_sync
-from .config import IntrospectConfig
-from .hooks import HookSet, plain_name, select_layers
 from .alerts import Alerts
-from .contracts import EXTRAS_DUTY, EpochOutput, LayerHistograms, Publisher, default_publisher  # noqa: F401 (EXTRAS_DUTY: re-export)
+from .config import IntrospectConfig
+from .contracts import EXTRAS_DUTY, EpochOutput, Publisher, Sink, default_publisher
 from .dynamics import SAMPLE_BUFFER_STEPS, Dynamics
-from .samples import BAD_INPUT_NAMES, PerSampleStore
-from .schedule import SamplingSchedule, quantize_interval
-from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
+from .flush import FOLD_BATCH, FlushPipeline
+from .hooks import HookSet, plain_name, select_layers
+from .samples import PerSampleStore
+from .schedule import SamplingSchedule
+from .stats import GradNorms, LayerStats
 from .units import unit_rule
 from .writer import AsyncWriter
 
+__all__ = ["EXTRAS_DUTY", "FOLD_BATCH", "SAMPLE_BUFFER_STEPS", "Introspector"]  # the constants: re-exported
+
 F = TypeVar("F", bound=Callable[..., Any])
-_EDGES = histogram_edges()
-# Windows of consecutive sampled steps (every step sampled: dense warm-up, every_n_steps=1) are handed to the
-# writer thread this many at a time, for one fold, one pack and one host copy. The writer's Python holds the
-# GIL, and the training thread waits for it even in its backward pass; a fold's Python costs about as much
-# for eight windows as for one. TensorBoard sees them at most this many steps later.
-FOLD_BATCH = 8
-# Scalars of a layer (activation statistics, dead units), of a parameter-owning layer and of a parameter,
-# in the order of their values in _write_flush.
-_ACTIVATION_TAGS = ("activation_mean", "activation_std", "activation_min", "activation_max",
-                    "activation_zero_fraction", "activation_nonfinite")
-_DEAD_TAGS = ("dead_fraction", "dead_count", "dead_windows")
-_SATURATED_TAGS = ("saturated_fraction", "saturated_count", "saturated_windows")
-_UNIT_TAGS = {"dead": _DEAD_TAGS, "saturated": _SATURATED_TAGS}
-_GRAD_TAGS = ("grad_norm", "grad_to_weight", "update_to_weight")
-_PARAM_TAGS = ("param_grad_norm",)
-_HIST_TAGS = ("activation_hist",)
-
-
-class _Window(NamedTuple):
-    """One flushed window, as the training thread hands it over: what the fold and the pack read."""
-
-    stats: list[LayerStats]  # the allocated layers, sorted by name
-    captures: list[Any]  # their Captures, in the same order
-    counts: Tensor  # (L + 1,) subsampled elements per layer (the last slot unused)
-    extra: Tensor  # the non-finite-loss and bad-input counters
-    interval: Tensor  # (1,) minus the proposed interval (reduced with "min" across ranks)
-    grad_parts: list[Tensor]  # squared gradient, weight and update norms (see GradNorms.take)
-
-
-class _HeldKey(NamedTuple):
-    """Windows folded together share their layers, histogram flag, gradient buffers' shapes and device."""
-
-    layers: tuple[str, ...]
-    histogram: bool
-    grad_shapes: tuple[torch.Size, ...]
-    device: torch.device
 
 
 def _timed(fn: F) -> F:
@@ -169,17 +135,20 @@ class Introspector:
         )
         self.alerts = Alerts(config, self.writer, self.layers, self.schedule, self.is_writer)
         self.hooks = self.alerts.hooks = HookSet(self.layers, self.layer_stats, config, self.alerts.on_skip)
-        self._folder = CaptureFolder(config.zero_threshold, config.max_histogram_elements)
         named = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
         self.grad = GradNorms([n for n, _ in named])
         self._param_pos: dict[int, Optional[int]] = {id(p): i for i, (_, p) in enumerate(named)}
         self._params = [p for _, p in named]
-        self.sinks = list(sinks)
+        self.sinks: list[Sink] = list(sinks)
         self.records_dir = Path(records_dir) if records_dir is not None else None
         self.publisher = publisher if publisher is not None else default_publisher(config, self.records_dir, class_names)
-        self.on_scalars = on_scalars
         self.class_names = list(class_names) if class_names is not None else None
         self.dynamics = Dynamics(config, self.writer, num_examples or config.num_examples)
+        self.flusher = FlushPipeline(
+            config, writer=self.writer, hooks=self.hooks, grad=self.grad, schedule=self.schedule, alerts=self.alerts,
+            dynamics=self.dynamics, layer_stats=self.layer_stats, sinks=self.sinks, on_scalars=on_scalars,
+            is_writer=self.is_writer,
+        )
         self.sampled = False
         self.step_index = 0
         self.samples_flushed = 0
@@ -188,15 +157,20 @@ class Introspector:
         self._pending: Optional[int] = None
         self._step_handles: list[Any] = []
         self._eager_stance: Any = None  # the `force_eager` stance of the sampled step in progress (see _run_eager)
-        self._layout_written = False
-        self._tag_cache: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
-        self._held: list[tuple[_Window, dict[str, Any]]] = []  # flushed windows not yet handed to the writer
-        self._held_key: Optional[_HeldKey] = None
         self._records: Optional[dict[str, np.ndarray]] = None
         self._steps_since_flush = 0
         self.threshold_ids: Optional[np.ndarray] = None  # AUM threshold samples (ThresholdSamples), if any
 
     # The per-example figures' state, kept by :class:`Dynamics`.
+    @property
+    def on_scalars(self) -> Optional[Callable[[dict[str, float], int], None]]:
+        """Called on the training thread with ``(scalars, step)`` after they were written."""
+        return self.flusher.on_scalars
+
+    @on_scalars.setter
+    def on_scalars(self, fn: Optional[Callable[[dict[str, float], int], None]]) -> None:
+        self.flusher.on_scalars = fn
+
     @property
     def store(self) -> Optional[PerSampleStore]:
         """The per-example store (None until the first batch with sample ids)."""
@@ -255,8 +229,8 @@ class Introspector:
                 self._flush()
             alerts = self.alerts
             sampled = alerts.diagnose > 0 or self.schedule.should_sample(step)
-            if self._held and not sampled:  # no flush comes next step: the held windows go now
-                self._submit_held()
+            if self.flusher.holding and not sampled:  # no flush comes next step: the held windows go now
+                self.flusher.submit_held()
             self.schedule.tick(sampled, start, writer_busy=writer_busy)
             self.sampled = sampled
             self.step_index = step
@@ -469,7 +443,7 @@ class Introspector:
             self._flush(drain=True)
         elif self._steps_since_flush > 0:
             self._flush(counters_only=True, drain=True)
-        self._submit_held()
+        self.flusher.submit_held()
 
     def _device(self) -> torch.device:
         for st in self.layer_stats.values():
@@ -480,12 +454,8 @@ class Introspector:
         return torch.device("cpu")
 
     def _flush(self, counters_only: bool = False, drain: bool = False) -> None:
-        """Ends the pending window: takes its captures and gradient buffers and hands them to the writer
-        thread, which folds, packs and copies them to the host (during the next backward pass); while the
-        next step is sampled too, the window is held, up to ``FOLD_BATCH`` of them (see :meth:`_submit_held`).
-        Under DDP the fold and its all-reduce run here, on the training thread, so that every rank issues its
-        collectives in the same order. Per-example inputs still buffered (< ``SAMPLE_BUFFER_STEPS`` steps) are
-        drained only with ``drain`` (explicit flushes, epoch ends): the flush at a step's start leaves them
+        """Ends the pending window (see :meth:`FlushPipeline.flush_window`). Per-example inputs still buffered
+        are drained only with ``drain`` (explicit flushes, epoch ends): the flush at a step's start leaves them
         batched, and the bad-input counts they carry are read at a later flush ("up to step N"). Buffered
         losses are always checked."""
         step = self.step_index if counters_only else self._pending
@@ -496,295 +466,14 @@ class Introspector:
             self.dynamics.drain_losses()
         self._pending = None
         self._steps_since_flush = 0
-        cfg = self.config
-        layers = [] if counters_only else [(n, st) for n, st in sorted(self.layer_stats.items()) if st.allocated]
-        grad = self.grad
-        distributed = dist.is_distributed()
         with allow_sync():
             device = self._device()
-            sts = [st for _, st in layers]
-            captures = [st.take_captures() for st in sts]
-            counts = to_device([float(c.count) for c in captures] + [0.0], torch.float64, device)
-            extra = self.dynamics.take_counters(device)  # a reduce running on the writer keeps its counts
-            proposed = self.schedule.proposed_interval()
-            interval = to_device([-float(proposed)], torch.float32, device)
-            grad_observed = grad.observed and not counters_only
-            grad_layers = sorted(grad.observed_layers()) if grad_observed else []
-            grad_updated = grad.updated and not counters_only
-            grad_clipped = grad.clipped and not counters_only
-            param_positions = sorted(grad.observed_params) if grad_observed and cfg.param_grad_norms else []
-            if grad_observed:
-                grad_parts = grad.take(cfg.param_grad_norms)
-            else:
-                grad_parts = []
-                if not counters_only:
-                    grad.reset()
-                    if grad.sharded and distributed:  # the same payload as the ranks that have gradients
-                        grad_parts = grad.zero_parts(cfg.param_grad_norms, device)
-            histogram = self.hooks.histogram and not counters_only
-            window = _Window(sts, captures, counts, extra, interval, grad_parts)
-            if distributed:  # collectives stay on the training thread, in the same order on every rank
-                packed = self._fold_and_pack([window], histogram, device, distributed=True)
-                host = self._to_host(packed.reshape(-1))
-            if not counters_only:  # under DDP, the interval all ranks agreed on in the reduce
-                self._apply_interval(proposed, interval if distributed else None)
-        meta = {
-            "step": step,
-            "layers": [(n, c.units, c.count > 0, st.judged_windows + bool(c.unit_max))
-                       for (n, st), c in zip(layers, captures)],
-            "grad_layers": grad_layers,
-            "grad_observed": grad_observed,
-            "grad_updated": grad_updated,
-            "grad_clipped": grad_clipped,
-            "param_positions": param_positions,
-            "order": list(self.hooks.order),
-            "histogram": histogram,
-            "counters_only": counters_only,
-            "dead_layers": self.alerts.judged_dead_layers(),
-            "interval": self.schedule.interval,
-            "overhead": self.schedule.expected_overhead(),
-        }
-        for (_, st), c in zip(layers, captures):
-            st.reset()
-            st.windows_seen += 1
-            st.judged_windows += bool(c.unit_max)
+        self.flusher.flush_window(step, counters_only, drain, device)
         if not counters_only:
             self.samples_flushed += 1
-        if distributed:
-            self._submit(lambda: self._write_flush(host, meta))
-            return
-        key = _HeldKey(tuple(n for n, _ in layers), histogram, tuple(t.shape for t in grad_parts), device)
-        if self._held and key != self._held_key:
-            self._submit_held()
-        self._held.append((window, meta))
-        self._held_key = key
-        if counters_only or drain or len(self._held) >= FOLD_BATCH:
-            self._submit_held()
-
-    def _submit_held(self) -> None:
-        """Hands the held windows (see ``FOLD_BATCH``) to the writer thread, which folds, packs and copies them
-        to the host together (on CUDA on the training thread's stream), during the next backward pass (see
-        :meth:`AsyncWriter.window`), then writes each window's figures in order."""
-        held, self._held = self._held, []
-        if not held:
-            return
-        windows = [w for w, _ in held]
-        metas = [m for _, m in held]
-        assert self._held_key is not None
-        histogram, device = self._held_key.histogram, self._held_key.device
-        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-
-        def fold_and_write() -> None:
-            with allow_sync(), torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
-                packed = self._fold_and_pack(windows, histogram, device, distributed=False)
-                rows = self._to_host(packed)()
-            for row, meta in zip(rows, metas):
-                self._write_flush(lambda row=row: row, meta)
-
-        self._submit(fold_and_write)
-
-    def _fold_and_pack(
-        self, windows: list[_Window], histogram: bool, device: torch.device, *, distributed: bool
-    ) -> Tensor:
-        """Folds the captures of ``windows`` (consecutive windows of the same layers), reduces them across
-        ranks (``distributed``, one window), moves the dead-unit streaks on window after window and packs
-        everything the writer reads into one float64 tensor, a row per window (the block layout of
-        :meth:`_write_flush`). The fold's kernels and
-        their Python are paid once for all windows. Streaks are only touched here, one window after another."""
-        cfg = self.config
-        K = len(windows)
-        sts = windows[0].stats
-        L = len(sts)
-        units = [c.units or 0 for c in windows[0].captures]
-        U = sum(units)
-        sum_parts: list[Tensor] = []
-        min_parts: list[Tensor] = []
-        folded: dict[str, Tensor] = {}
-        if L:
-            folded = self._folder.fold([c for w in windows for c in w.captures], histogram)  # window-major rows
-            sum_parts = [folded["sums"], folded["fired"], folded["hist"], folded["judged"]]
-            min_parts = [folded["mins"]]
-        if distributed:
-            assert K == 1
-            (window,) = windows
-            # Sharded parameters' squared norms are sums over ranks' shards: they ride in the same collective.
-            grad_sums = window.grad_parts if self.grad.sharded else []
-            dist.flush_reduce([*sum_parts, window.counts, window.extra, *grad_sums], [*min_parts, window.interval], device)
-        out: list[Tensor] = []
-        if L:
-            # Dead-unit windows, all layers at once: a unit that fired resets its streak, the others extend it,
-            # in the windows where their layer was judged (had unit scores on some rank); elsewhere it stays.
-            fired = folded["fired"].view(K, U)
-            unit_layer = self._folder._index(
-                ("unit_layer", tuple(units)), lambda: [li for li, u in enumerate(units) for _ in range(u)], device
-            )
-            judged = folded["judged"].view(K, L).index_select(1, unit_layer) > 0
-            streak = torch.cat([st.streak.to(device) for st in sts])  # type: ignore[union-attr]
-            zero = streak.new_zeros(())
-            streaks = []
-            for k in range(K):
-                streak = torch.where(fired[k] > 0, zero, streak + judged[k])
-                streaks.append(streak)
-            for st, piece in zip(sts, streak.split(units)):
-                st.streak = piece
-            S = torch.stack(streaks)
-            w = cfg.dead_window
-            zeros = torch.zeros(K, L, dtype=torch.float64, device=device)
-            dead_count = zeros.index_add(1, unit_layer, (S >= w).double())
-            dead_windows = zeros.scatter_reduce(
-                1, unit_layer.expand(K, U), torch.div(S, w, rounding_mode="floor").double(), "amax", include_self=True
-            )
-            out += [folded["sums"], folded["mins"], fired, folded["hist"], torch.stack([dead_count, dead_windows], 2)]
-        out += [torch.stack([w.counts for w in windows]), torch.stack([w.extra for w in windows]),
-                torch.stack([w.interval for w in windows])]
-        out += [torch.stack(parts) for parts in zip(*(w.grad_parts for w in windows))]
-        return torch.cat([t.reshape(K, -1).to(device, torch.float64) for t in out], 1)
-
-    def _to_host(self, packed: Optional[Tensor]) -> Callable[[], Optional[np.ndarray]]:
-        """One batched device-to-host copy. On CUDA it is asynchronous (pinned buffer + event): the writer
-        thread waits for it, the training thread never does."""
-        if packed is None:
-            return lambda: None
-        if packed.device.type == "cuda":
-            buf = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            buf.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-
-            def wait() -> np.ndarray:
-                event.synchronize()
-                return buf.numpy()
-
-            return wait
-        arr = packed.cpu().numpy()
-        return lambda: arr
-
-    def _submit(self, job: Callable[[], None], *, required: bool = False) -> None:
-        """Hands ``job`` to the writer thread (rank 0 only); a ``required`` one is never dropped (see
-        :meth:`AsyncWriter.submit`): the records on disk and the forgotten fraction need every epoch's."""
-        if self.is_writer:
-            self.writer.submit(job, required=required)
-
-    # ------------------------------------------------------------------------------- writer thread (host)
-    def _write_flush(self, host: Callable[[], Optional[np.ndarray]], meta: dict[str, Any]) -> None:
-        data = host()
-        if data is None:
-            return
-        cfg = self.config
-        step = meta["step"]
-        scalars: dict[str, float] = {}
-        nonfinite_layers: list[str] = []
-        off = 0
-        L = len(meta["layers"])
-        # blocks: sums (L, 4), mins (L, 2), fired (all units), hist (L, BINS), dead (L, 2), counts (L + 1)
-        sums = data[off : off + 4 * L].reshape(L, 4); off += 4 * L
-        mins = data[off : off + 2 * L].reshape(L, 2); off += 2 * L
-        off += sum(u for _, u, _, _ in meta["layers"])  # firing counts: already folded into the streaks
-        hist = data[off : off + HIST_BINS * L].reshape(L, HIST_BINS); off += HIST_BINS * L
-        dead = data[off : off + 2 * L].reshape(L, 2); off += 2 * L
-        counts = data[off : off + L]; off += L + 1
-        extra = data[off : off + 1 + len(BAD_INPUT_NAMES)]; off += 1 + len(BAD_INPUT_NAMES)
-        off += 1  # the reduced interval: applied on the training thread at the flush
-        if L:  # one numpy pass over all layers, tags made once per layer (the writer's Python holds the GIL)
-            live = np.flatnonzero(counts > 0)
-            names = [meta["layers"][i][0] for i in live]
-            if cfg.activations and live.size:
-                c = counts[live]
-                s1, s2, zeros, nonfinite = sums[live].T
-                with np.errstate(all="ignore"):
-                    mean = s1 / c
-                    std = np.where(np.isfinite(mean), np.sqrt(np.maximum(s2 / c - mean * mean, 0.0)), np.nan)
-                    values = np.stack([mean, std, mins[live, 0], -mins[live, 1], zeros / c, nonfinite], 1)
-                tags = [t for n in names for t in self._tags(n, _ACTIVATION_TAGS)]
-                scalars.update(zip(tags, values.ravel().tolist()))
-                bad = (nonfinite > 0) | ~np.isfinite(values[:, [0, 2, 3]]).all(1)
-                nonfinite_layers = [n for n, b in zip(names, bad.tolist()) if b]
-            if cfg.dead_units:
-                for i, name in zip(live.tolist(), names):
-                    _, units, _, windows = meta["layers"][i]
-                    group = meta["dead_layers"].get(name)
-                    if windows >= cfg.dead_window and units and group is not None:
-                        dead_count, dead_windows = dead[i].tolist()
-                        t_frac, t_count, t_windows = self._tags(name, _UNIT_TAGS[group])
-                        scalars[t_frac] = dead_count / units
-                        scalars[t_count] = dead_count
-                        scalars[t_windows] = dead_windows
-        if meta["grad_observed"]:
-            L = len(self.grad.layer_names)
-            g2, w2, u2 = data[off : off + L], data[off + L : off + 2 * L], data[off + 2 * L : off + 3 * L]
-            clipped_sq = data[off + 3 * L]
-            off += 3 * L + 1
-            sel = np.asarray(meta["grad_layers"], dtype=np.int64)
-            names = [self.grad.layer_names[i] for i in sel.tolist()]
-            tags = [self._tags(n, _GRAD_TAGS) for n in names]
-            g2s, w2s, u2s = g2[sel], w2[sel], u2[sel]
-            scalars["grad_norm/global"] = math.sqrt(float(g2s.sum()))
-            if meta["grad_clipped"]:
-                scalars["grad_norm/global_clipped"] = math.sqrt(float(clipped_sq))
-            scalars.update(zip([t[0] for t in tags], np.sqrt(g2s).tolist()))
-            has_w = np.flatnonzero(w2s > 0)
-            w = w2s[has_w]
-            scalars.update(zip([tags[j][1] for j in has_w.tolist()], np.sqrt(g2s[has_w] / w).tolist()))
-            if meta["grad_updated"] and cfg.update_ratios:
-                scalars.update(zip([tags[j][2] for j in has_w.tolist()], np.sqrt(u2s[has_w] / w).tolist()))
-                if w2s.sum() > 0:
-                    scalars["update_to_weight/global"] = math.sqrt(float(u2s.sum() / w2s.sum()))
-            if cfg.param_grad_norms:
-                P = len(self.grad.param_names)
-                pg = data[off : off + P]; off += P
-                positions = meta["param_positions"]
-                names = [self.grad.param_names[i] for i in positions]
-                scalars.update(zip([self._tags(n, _PARAM_TAGS)[0] for n in names], np.sqrt(pg[positions]).tolist()))
-        self._main(self.alerts.warn_if_budget_unreachable)
-        if meta["counters_only"]:  # an epoch end or close with no sampled step pending: alerts only
-            self.alerts.for_flush(step, meta["order"], extra, nonfinite_layers, scalars, self.sinks, self._num_examples_now())
-            return
-        scalars["introspect/interval"] = float(meta["interval"])
-        if meta["overhead"] is not None:
-            scalars["introspect/overhead"] = meta["overhead"]
-        self.alerts.for_flush(step, meta["order"], extra, nonfinite_layers, scalars, self.sinks, self._num_examples_now())
-        histograms = None
-        if meta["histogram"] and cfg.histograms and self.sinks:
-            tags = [self._tags(layer[0], _HIST_TAGS)[0] for layer in meta["layers"]]
-            histograms = LayerHistograms(tags, hist, mins, sums, counts, _EDGES)
-        for sink in self.sinks:
-            if not self._layout_written:
-                sink.add_layout(cfg)
-            sink.add_scalars(scalars, step)
-            if histograms is not None:
-                sink.add_layer_histograms(histograms, step)
-            sink.flush()
-        self._layout_written = True
-        if self.on_scalars is not None:
-            cb = self.on_scalars
-            self._main(lambda: cb(scalars, step))
-
-    def _tags(self, name: str, kinds: tuple[str, ...]) -> tuple[str, ...]:
-        """The tags ``kind/name`` of one layer or parameter, made once (a step writes hundreds)."""
-        key = (name, kinds)
-        tags = self._tag_cache.get(key)
-        if tags is None:
-            if len(self._tag_cache) > 100_000:  # names are a bounded set; a pathological model gets no leak
-                self._tag_cache.clear()
-            tags = self._tag_cache[key] = tuple(f"{kind}/{name}" for kind in kinds)
-        return tags
-
-    def _num_examples_now(self) -> Optional[int]:
-        return self.store.num_examples if self.store is not None else self.num_examples
 
     def _main(self, job: Callable[[], None]) -> None:
         self.writer.on_main_thread(job)
-
-    def _apply_interval(self, proposed: float, reduced_interval: Optional[Tensor]) -> None:
-        """On the training thread, at the flush, on every rank: the budget's new interval. Under DDP all
-        ranks take the largest proposal (reduced with the flush), so they keep sampling the same steps."""
-        if self.config.overhead_budget is None:
-            return
-        interval = proposed
-        if reduced_interval is not None:  # flush: DDP already synchronised here
-            interval = quantize_interval(-float(reduced_interval.item()))
-        if interval >= 1:
-            self.schedule.interval = interval
 
     # ------------------------------------------------------------------------------------------------ epochs
     @_timed
@@ -812,7 +501,7 @@ class Introspector:
         self._records = records
         self.epochs_done = epoch + 1
         meta = self._records_meta(epoch)
-        self._submit(lambda: self._write_epoch(records, means, meta, epoch, step), required=True)
+        self.flusher.submit(lambda: self._write_epoch(records, means, meta, epoch, step), required=True)
 
     def _records_meta(self, epoch: int) -> dict[str, Any]:
         return {
@@ -872,14 +561,15 @@ class Introspector:
         """Flushes what is pending, waits for the writer and closes the sinks (idempotent)."""
         self.end_step()
         self.flush()
-        self._submit(lambda: self.publisher.finish(self.sinks), required=True)
+        self.flusher.submit(lambda: self.publisher.finish(self.sinks), required=True)
         if self.sinks:  # on the writer thread, after every job that writes to them
             self.writer.submit(self._close_sinks, required=True)
         self.writer.close()
 
     def _close_sinks(self) -> None:
         """Closes the sinks; on the writer thread, whose jobs read ``self.sinks`` when they run."""
-        sinks, self.sinks = self.sinks, []
+        sinks = list(self.sinks)
+        self.sinks.clear()  # in place: the flush pipeline holds the same list
         for sink in sinks:
             sink.close()
 
@@ -892,7 +582,7 @@ class Introspector:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: schedule, dead-unit streaks, per-example store."""
         self.dynamics.drain()  # the per-example store is complete after it, however slow the writer
-        self._submit_held()
+        self.flusher.submit_held()
         if not self.writer.drain():  # a flush folded on the writer thread moves the streaks on: let it finish
             self.writer.alert(
                 "lightning_introspect: the writer thread did not finish its jobs in time for a checkpoint (a slow or "
