@@ -7,20 +7,17 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Type, Union
 
 from torch import Tensor, nn
 
 from ._compat import CALLBACK_BASES, is_tensorboard_logger
 from .core.config import DEFAULT_LAYER_TYPES, IntrospectConfig
-from .core.hooks import first_tensor
+from .core.batch import BatchKey, as_mapping, extract, logits_of
 from .core.introspector import Introspector
 from .core.samples import WithIndex
-from .core.writer import AsyncWriter
 from .sinks.tensorboard import TensorBoardSink
 
-BatchKey = Union[str, int, Callable[[Any], Tensor], None]
-_TARGET_KEYS = ("label", "labels", "target", "targets", "y")
 _NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.\-]+")
 
 
@@ -249,7 +246,6 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._logits_in_output: Optional[bool] = None
         self._loaded_state: Optional[dict[str, Any]] = None
         self._trainer: Any = None
-        self._writer: Optional[AsyncWriter] = None  # the core's, read by the backward-window hooks
         self._clipping = False  # whether Lightning clips gradients after on_before_optimizer_step
 
     @property
@@ -291,7 +287,6 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             pl_module, self.config, sinks=sinks, records_dir=self.records_dir, on_scalars=on_scalars,
             class_names=self.class_names, is_writer=trainer.is_global_zero,
         )
-        self._writer = self.core.writer
         if carried is not None:
             self.core.load_state_dict(carried)
         if self._loaded_state is not None:
@@ -314,7 +309,6 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             )
         prev.close()  # idempotent: nothing of the previous run writes after this point
         self.core = None
-        self._writer = None
         self._remove_capture_hook()
         self._dynamics, self._id_key, self._logits_in_output = False, None, None
         self.threshold_ids = None
@@ -403,20 +397,20 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if self._redirected and not (self._frames and self._frames.pop()):  # a strategy's call of training_step
             return
         t0 = time.perf_counter()  # never inside another timed call: counted directly (no context object)
-        self._captured = output.detach() if isinstance(output, Tensor) else _logits_of(output)
-        self.core.overhead_seconds += time.perf_counter() - t0  # type: ignore[union-attr]  (set before capturing)
+        self._captured = output.detach() if isinstance(output, Tensor) else logits_of(output)
+        self.core.add_own_time(time.perf_counter() - t0)  # type: ignore[union-attr]  (set before capturing)
 
     # The backward window (see AsyncWriter.window) only matters while the writer has work: the writer checks
     # that itself, one call from here. Left untimed: a few attribute reads.
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        writer = self._writer
-        if writer is not None:
-            writer.window(True)
+        core = self.core
+        if core is not None:
+            core.before_backward()
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        writer = self._writer
-        if writer is not None:
-            writer.window(False)
+        core = self.core
+        if core is not None:
+            core.after_backward()
 
     # Lightning calls this hook before it clips the gradients: grad_norm/global is the norm before clipping.
     # With clipping on, the core also reads the norm the optimizer step uses (grad_norm/global_clipped): as the
@@ -431,7 +425,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         core = self.core
         if core is None:
             raise self._not_set_up()
-        loss = outputs if isinstance(outputs, Tensor) else _as_mapping(outputs).get("loss")
+        loss = outputs if isinstance(outputs, Tensor) else as_mapping(outputs).get("loss")
         if loss is None and not outputs and pl_module.automatic_optimization:
             # training_step returned None: Lightning skipped the batch (no backward, no update); so does this.
             self._capturing = False
@@ -450,7 +444,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                 core.end_step(loss)
 
     def _observe_batch(self, core: Introspector, outputs: Any, batch: Any) -> None:
-        out = _as_mapping(outputs)
+        out = as_mapping(outputs)
         logits = out.get("logits")
         if self._logits_in_output is None:
             self._logits_in_output = isinstance(logits, Tensor)
@@ -468,10 +462,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                     "(N, C) or (N, T, C), and training_step returned no 'logits'. Return "
                     "{'loss': loss, 'logits': logits} from training_step, or pass `sample_dynamics=False`."
                 )
-            ids = _extract(batch, self._id_key, "ids", self._index_key)
+            ids = extract(batch, self._id_key, "ids", self._index_key)
             targets = out.get("targets")
             if targets is None and logits is not None:
-                targets = _extract(batch, self.targets_key, "targets", self._index_key)
+                targets = extract(batch, self.targets_key, "targets", self._index_key)
                 if targets is ids and ids is not None:
                     raise ValueError(
                         f"the sample ids and the targets are the same element of the batch (ids={self.ids_key!r}, "
@@ -487,15 +481,13 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                     "(N,) 'sample_loss' without logits), or pass `sample_dynamics=False`."
                 )
         except ValueError as err:
-            if core.batches_seen == 0:
-                raise
-            core.writer.alert(f"lightning_introspect skipped a batch: {err}", RuntimeWarning)
+            core.skip_batch(err)  # raised while no batch was accepted, else a warning
             return
         core.observe_batch(ids, targets=targets, logits=logits, sample_loss=sample_loss)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self.core is not None:
-            self.core.schedule.pause()
+            self.core.pause()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._require_core().end_epoch(trainer.current_epoch, trainer.global_step)
@@ -521,7 +513,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         core = self.core
         core.close()
         # After a failed write the user was warned once already (log dir unwritable or full): no second warning.
-        if trainer.is_global_zero and core._records is not None and core.task != "regression" and not core.writer.failures:
+        if trainer.is_global_zero and core.has_epoch_records and core.task != "regression" and not core.write_failures:
             self._write_report_files()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -607,9 +599,6 @@ def _forward_to(loggers: Sequence[Any], name: Optional[str]) -> Callable[[dict[s
     return on_scalars
 
 
-_EMPTY: Mapping[str, Any] = {}
-
-
 def _runs_own_forward(module: nn.Module) -> bool:
     """Whether a call of ``module`` runs its own ``forward``: a method bound to it, possibly under decorators
     that keep ``__wrapped__`` (``torch.compile``), and not a function a strategy put in its place."""
@@ -623,71 +612,11 @@ def _runs_own_forward(module: nn.Module) -> bool:
     return False
 
 
-def _logits_of(output: Any) -> Any:
-    """The logits in a forward output that is not a tensor: its 'logits' entry, else its first tensor."""
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
-        return output["logits"].detach()
-    t = first_tensor(output)
-    return t.detach() if t is not None else output
-
-
-def _as_mapping(x: Any) -> Mapping[str, Any]:
-    """``x`` when it is a mapping, else an empty one (a tensor is checked first: an ABC check is slower)."""
-    return x if type(x) is dict or (not isinstance(x, Tensor) and isinstance(x, Mapping)) else _EMPTY
-
-
 def _len_or_none(dataset: Any) -> Optional[int]:
     try:
         return len(dataset)
     except TypeError:
         return None
-
-
-def _extract(batch: Any, key: BatchKey, what: str, index_key: Optional[str] = None) -> Any:
-    """``what`` ("ids" or "targets") from the batch; ``index_key``: the WithIndex's key when the training set
-    is wrapped in one (None when not), so that the errors say what is true of this run."""
-    if callable(key):
-        return key(batch)
-    if isinstance(batch, (tuple, list)):  # the usual collated batch: before the slower Mapping (ABC) check
-        return _from_sequence(batch, key, what)
-    if isinstance(batch, Mapping):
-        if key == "auto":
-            candidates = (index_key or "index",) if what == "ids" else _TARGET_KEYS
-            for k in candidates:
-                if k in batch:
-                    return batch[k]
-            if what == "targets":
-                fix = "pass `targets=<key>`."
-            elif index_key is not None:
-                fix = (f"the training set is wrapped in `WithIndex`, whose {index_key!r} entry was dropped on the way "
-                       "(a collate_fn?): keep it, or pass `ids=<key>`.")
-            else:
-                fix = "wrap the dataset in `WithIndex` or pass `ids=<key>`."
-            raise ValueError(f"the batch (a dict with keys {sorted(batch)[:8]}) has no {what}: {fix}")
-        if key not in batch:
-            raise ValueError(f"the batch has no key {key!r} for {what}; its keys are {sorted(batch)[:8]}.")
-        return batch[key]
-    fix = (
-        "the training set is wrapped in `WithIndex`, which makes tuples and dicts, so a collate_fn changed the batch: "
-        if index_key is not None else "wrap the dataset in `WithIndex` or "
-    )
-    raise ValueError(
-        f"cannot find {what} in a batch of type {type(batch).__name__}: {fix}pass `{what}=` as a function of the batch."
-    )
-
-
-def _from_sequence(batch: Sequence[Any], key: BatchKey, what: str) -> Any:
-    if key == "auto":
-        key = -1 if what == "ids" else 1
-        if what == "targets" and len(batch) < 3:
-            raise ValueError(
-                f"cannot tell the targets in a batch of {len(batch)} elements (an `(x, y, index)` batch has 3, the "
-                "sample ids last); pass `targets=<position>` of the labels (not the ids' position) or return "
-                "'targets' from training_step."
-            )
-    if not isinstance(key, int) or not -len(batch) <= key < len(batch):
-        raise ValueError(f"the batch has {len(batch)} elements; {what} position {key!r} is not among them.")
-    return batch[key]
 
 
 def _check_writable(directory: Path) -> None:

@@ -143,12 +143,7 @@ class Dynamics:
                     return
                 self.ensure_store(entry.ids.device if self.store is None else self.store.device)
             except ValueError as err:
-                if self.batches_ok == 0:
-                    raise
-                self.writer.alert(
-                    f"lightning_introspect skipped a batch at step {step}: {err}", RuntimeWarning,
-                    key=f"skipped:{str(err)[:60]}",
-                )
+                self.skip_batch(err, step)
                 return
             if type(entry) is RawBatch:
                 self._raw_sig = sig
@@ -156,6 +151,16 @@ class Dynamics:
         self.batches_ok += 1
         if len(self._buf) >= SAMPLE_BUFFER_STEPS:
             self.drain(offload=True)
+
+    def skip_batch(self, err: ValueError, step: int) -> None:
+        """The policy for a batch whose per-example inputs are unusable: before any batch was accepted the
+        error is raised (the setup is wrong, and every batch would be); afterwards the batch is skipped with a
+        warning, once per kind of problem, and training goes on."""
+        if self.batches_ok == 0:
+            raise err
+        self.writer.alert(
+            f"lightning_introspect skipped a batch at step {step}: {err}", RuntimeWarning, key=f"skipped:{str(err)[:60]}",
+        )
 
     def _buffer_entry(self, ids: Any, targets: Any, logits: Any, sample_loss: Any) -> Optional[BufferEntry]:
         """Checks one batch's inputs (Python only) and returns what to keep until the next drain."""

@@ -27,9 +27,8 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from functools import wraps
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,51 +41,16 @@ from .config import IntrospectConfig
 from .contracts import EXTRAS_DUTY, EpochOutput, Publisher, Sink, default_publisher
 from .dynamics import SAMPLE_BUFFER_STEPS, Dynamics
 from .flush import FOLD_BATCH, FlushPipeline
-from .hooks import HookSet, plain_name, select_layers
+from .gradients import GradientObserver
+from .hooks import HookSet, select_layers
+from .owntime import OwnTime as _OwnTime, timed as _timed
 from .samples import PerSampleStore
 from .schedule import SamplingSchedule
-from .stats import GradNorms, LayerStats
+from .stats import LayerStats
 from .units import unit_rule
 from .writer import AsyncWriter
 
 __all__ = ["EXTRAS_DUTY", "FOLD_BATCH", "SAMPLE_BUFFER_STEPS", "Introspector"]  # the constants: re-exported
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _timed(fn: F) -> F:
-    """Adds the time spent in ``fn`` to ``self.overhead_seconds`` (the tool's own cost, reported), unless an
-    enclosing :meth:`Introspector.own_time` already counts it."""
-
-    @wraps(fn)
-    def wrapper(self: "Introspector", *args: Any, **kwargs: Any) -> Any:
-        if self._own_since is not None:  # inside a timed call already (a callback's hook body): counted there
-            return fn(self, *args, **kwargs)
-        with _OwnTime(self):
-            return fn(self, *args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-class _OwnTime:
-    """Counts the time inside as the tool's own, once when nested: the context of :meth:`Introspector.own_time`
-    and of every timed core call (a class: cheaper than a generator on every hook)."""
-
-    __slots__ = ("core", "t0")
-
-    def __init__(self, core: "Introspector") -> None:
-        self.core = core
-        self.t0: Optional[float] = None
-
-    def __enter__(self) -> None:
-        if self.core._own_since is None:  # outermost: this one counts
-            self.t0 = self.core._own_since = time.perf_counter()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.t0 is not None:
-            self.core._own_since = None
-            self.core.overhead_seconds += time.perf_counter() - self.t0
-
 
 class Introspector:
     """Records per-layer statistics on sampled steps and per-example dynamics on every step.
@@ -135,10 +99,8 @@ class Introspector:
         )
         self.alerts = Alerts(config, self.writer, self.layers, self.schedule, self.is_writer)
         self.hooks = self.alerts.hooks = HookSet(self.layers, self.layer_stats, config, self.alerts.on_skip)
-        named = [(plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
-        self.grad = GradNorms([n for n, _ in named])
-        self._param_pos: dict[int, Optional[int]] = {id(p): i for i, (_, p) in enumerate(named)}
-        self._params = [p for _, p in named]
+        self.gradients = GradientObserver(model, config, self.writer)
+        self.grad = self.gradients.grad
         self.sinks: list[Sink] = list(sinks)
         self.records_dir = Path(records_dir) if records_dir is not None else None
         self.publisher = publisher if publisher is not None else default_publisher(config, self.records_dir, class_names)
@@ -309,6 +271,29 @@ class Introspector:
         """Optional, right after ``loss.backward()``: the writer holds further jobs until the next backward."""
         self.writer.window(False)
 
+    def add_own_time(self, seconds: float) -> None:
+        """Counts ``seconds`` an adapter spent outside any timed call (e.g. in a forward hook) as the tool's own."""
+        self.overhead_seconds += seconds
+
+    def skip_batch(self, err: ValueError) -> None:
+        """An adapter's batch it cannot read: raised before any batch was accepted, else warned and skipped."""
+        self.dynamics.skip_batch(err, self.step_index)
+
+    def pause(self) -> None:
+        """Tells the overhead budget that training pauses (validation): the time until the next step is not
+        a training step's."""
+        self.schedule.pause()
+
+    @property
+    def write_failures(self) -> int:
+        """Writer jobs that failed so far (each was warned about once)."""
+        return self.writer.failures
+
+    @property
+    def has_epoch_records(self) -> bool:
+        """Whether an epoch end has folded per-example records."""
+        return self._records is not None
+
     @_timed
     def observe_loss(self, loss: Any) -> None:
         """Counts a non-finite loss on the device (read at the next flush)."""
@@ -328,88 +313,7 @@ class Introspector:
         stays the norm before clipping."""
         if not (self.sampled and self.config.grad_norms):
             return
-        opt = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> torch optimizer
-        if clipping and not hasattr(opt, "register_step_pre_hook"):
-            raise ValueError(
-                f"`observe_gradients(clipping=True)` reads the clipped gradients when the optimizer steps, and needs "
-                f"it: pass `observe_gradients(optimizer, clipping=True)` (got {optimizer!r})."
-            )
-        plist = [p for g in opt.param_groups for p in g["params"]] if opt is not None else self._params
-        if any(id(p) not in self._param_pos for p in plist):
-            self._refresh_params(plist)
-        pos, grads, params, owners = [], [], [], []
-        for p in plist:  # Python bookkeeping only; the norms below are fused launches
-            i = self._param_pos.get(id(p))
-            if i is not None and p.grad is not None:
-                pos.append(i)
-                grads.append(p.grad.detach())
-                params.append(p.detach())
-                owners.append(p)
-        if not pos:
-            return
-        grads, grad_w = self._local_parts("grad", pos, grads)
-        params, param_w = self._local_parts("param", pos, params)
-        self.grad.observe(pos, grads, params, self.config.param_grad_norms, grad_w, param_w)
-        clipped_read = [not clipping]
-
-        def read_clipped() -> None:  # once per step: the gradients as they are now (clipped in place or replaced)
-            if not clipped_read[0]:
-                clipped_read[0] = True
-                kept = [(i, p.grad.detach()) for i, p in zip(pos, owners) if p.grad is not None]
-                local, w = self._local_parts("grad", [i for i, _ in kept], [g for _, g in kept])
-                self.grad.observe_clipped(local, w)
-
-        if clipping:
-            self._step_handles.append(opt.register_step_pre_hook(lambda _opt, _args, _kwargs: read_clipped()))
-        update = self.config.update_ratios and opt is not None and hasattr(opt, "register_step_post_hook")
-        if update:
-            with torch.no_grad():
-                before = torch._foreach_mul(params, 1.0)
-        if update or clipping:
-            fired = [False]
-
-            def after_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
-                read_clipped()
-                if update and not fired[0]:
-                    fired[0] = True
-                    self.grad.observe_update(pos, before, params, param_w)
-
-            self._step_handles.append(opt.register_step_post_hook(after_step))
-
-    def _refresh_params(self, plist: Sequence[Tensor]) -> None:
-        """Maps the model's parameters anew when the optimizer holds ones unknown so far: FSDP2's ``fully_shard``
-        and Lightning's ``configure_model`` replace them after the Introspector was made. Names (and so tags)
-        stay; parameters the model does not own are remembered, so that they cost one check."""
-        named = [(plain_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if [n for n, _ in named] == self.grad.param_names:
-            self._param_pos = {id(p): i for i, (_, p) in enumerate(named)}
-            self._params = [p for _, p in named]
-        for p in plist:
-            self._param_pos.setdefault(id(p), None)  # not the model's: skipped
-
-    def _local_parts(self, kind: str, pos: list[int], tensors: list[Tensor]) -> tuple[list[Tensor], Optional[Tensor]]:
-        """The local shards of DTensors (FSDP2, tensor parallelism) and each one's weight in the flush's sum over
-        ranks (1 where this rank counts the shard, 0 where another rank holds the same elements); ``tensors``
-        and None when none is a DTensor."""
-        if not any(dist.is_dtensor(t) for t in tensors):
-            return tensors, None
-        self.grad.sharded = True
-
-        def weights() -> list[float]:
-            out = []
-            for i, t in zip(pos, tensors):
-                try:
-                    out.append(float(dist.counted_here(t)))
-                except ValueError as err:
-                    out.append(0.0)
-                    self.writer.alert(
-                        f"lightning_introspect: the {kind} of parameter {self.grad.param_names[i]!r} is left out of "
-                        f"the gradient norms: {err}, whose norm cannot be taken shard by shard.", RuntimeWarning,
-                        key=f"partial:{self.grad.param_names[i]}",
-                    )
-            return out
-
-        return [dist.local_part(t) for t in tensors], self.grad.weights(kind, pos, weights, tensors[0].device)
+        self._step_handles += self.gradients.observe(optimizer, clipping=clipping)
 
     @_timed
     def observe_batch(
@@ -449,8 +353,8 @@ class Introspector:
         for st in self.layer_stats.values():
             if st.sums is not None:
                 return st.sums.device
-        if self._params:
-            return self._params[0].device
+        if self.gradients.params:
+            return self.gradients.params[0].device
         return torch.device("cpu")
 
     def _flush(self, counters_only: bool = False, drain: bool = False) -> None:
