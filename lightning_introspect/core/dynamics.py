@@ -333,6 +333,38 @@ class Dynamics:
             self.loss_bad.zero_()  # after the copy into `extra` (stream order on CUDA)
         return extra
 
+    # ------------------------------------------------------------------------------------------------ epochs
+    def fold_epoch(
+        self, epoch: int, *, with_means: bool
+    ) -> tuple[dict[str, np.ndarray], Optional[dict[str, np.ndarray]]]:
+        """Reduces the epoch's per-example figures across ranks (a collective: every rank calls it), folds them
+        into the aggregates and returns the records and, ``with_means``, the epoch's per-example means, as host
+        arrays. Call :meth:`drain` first."""
+        store = self.store
+        assert store is not None
+        with allow_sync():
+            if dist.is_distributed():
+                dist.agree_epoch_end(store.device)
+                dist.reduce_([store.epoch], "sum")
+                dist.reduce_([store.label, store.epoch_other], "max")
+            means = {k: v.cpu().numpy() for k, v in store.epoch_means().items()} if with_means else None
+            store.fold_epoch(epoch)
+            return store.records(), means
+
+    def epoch_scalars(self, records: dict[str, np.ndarray]) -> dict[str, float]:
+        """The learned and forgotten fractions of the examples seen so far; forgotten since the last call (or
+        resume). Called once per epoch, in epoch order (on the writer thread)."""
+        n_seen = max(int((records["seen_epochs"] > 0).sum()), 1)
+        scalars = {"samples/learned_fraction": float((records["last_correct"] == 1).sum() / n_seen)}
+        forgets = records["forgetting_events"].astype(np.int64)
+        prev = self.forgets_before
+        if prev is not None and prev.shape == forgets.shape:
+            scalars["samples/forgotten_fraction"] = float((forgets > prev).sum() / n_seen)
+        else:
+            scalars["samples/forgotten_fraction"] = float((forgets > 0).sum() / n_seen)
+        self.forgets_before = forgets
+        return scalars
+
     # ------------------------------------------------------------------------------------------------ store
     def ensure_store(self, device: torch.device) -> PerSampleStore:
         """The store, made on ``device`` at the first batch (with a checkpoint's state, when resuming)."""

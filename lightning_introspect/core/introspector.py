@@ -109,10 +109,8 @@ class Introspector:
         self.flusher = FlushPipeline(
             config, writer=self.writer, hooks=self.hooks, grad=self.grad, schedule=self.schedule, alerts=self.alerts,
             dynamics=self.dynamics, layer_stats=self.layer_stats, sinks=self.sinks, on_scalars=on_scalars,
-            is_writer=self.is_writer,
-        )
-        self.sampled = False
-        self.step_index = 0
+            is_writer=self.is_writer)
+        self.sampled, self.step_index = False, 0  # whether the step in progress is sampled; its index
         self.samples_flushed = 0
         self._flushed_before = 0  # sampled steps of a run this one resumes: their calls are not in hooks.called
         self.epochs_done = 0
@@ -123,7 +121,6 @@ class Introspector:
         self._steps_since_flush = 0
         self.threshold_ids: Optional[np.ndarray] = None  # AUM threshold samples (ThresholdSamples), if any
 
-    # The per-example figures' state, kept by :class:`Dynamics`.
     @property
     def on_scalars(self) -> Optional[Callable[[dict[str, float], int], None]]:
         """Called on the training thread with ``(scalars, step)`` after they were written."""
@@ -376,9 +373,6 @@ class Introspector:
         if not counters_only:
             self.samples_flushed += 1
 
-    def _main(self, job: Callable[[], None]) -> None:
-        self.writer.on_main_thread(job)
-
     # ------------------------------------------------------------------------------------------------ epochs
     @_timed
     def end_epoch(self, epoch: int, step: int) -> None:
@@ -394,47 +388,29 @@ class Introspector:
             store = self.dynamics.ensure_store(self._device())  # a rank that saw no batch still joins the epoch-end round
         if store is None:
             return
-        with allow_sync():
-            if dist.is_distributed():
-                dist.agree_epoch_end(store.device)
-                dist.reduce_([store.epoch], "sum")
-                dist.reduce_([store.label, store.epoch_other], "max")
-            means = {k: v.cpu().numpy() for k, v in store.epoch_means().items()} if self.is_writer else None
-            store.fold_epoch(epoch)
-            records = store.records()
+        records, means = self.dynamics.fold_epoch(epoch, with_means=self.is_writer)
         self._records = records
         self.epochs_done = epoch + 1
         meta = self._records_meta(epoch)
         self.flusher.submit(lambda: self._write_epoch(records, means, meta, epoch, step), required=True)
 
     def _records_meta(self, epoch: int) -> dict[str, Any]:
-        return {
-            "format": 1, "epoch": epoch, "num_examples": self.store.num_examples if self.store else self.num_examples,
-            "num_classes": self.num_classes, "class_names": self.class_names, "task": self.task or "classification",
-            "ignore_index": self.config.ignore_index,
-            "threshold_ids": None if self.threshold_ids is None else [int(i) for i in self.threshold_ids],
-        }
+        return {"format": 1, "epoch": epoch, "num_examples": self.store.num_examples if self.store else self.num_examples,
+                "num_classes": self.num_classes, "class_names": self.class_names, "task": self.task or "classification",
+                "ignore_index": self.config.ignore_index,
+                "threshold_ids": None if self.threshold_ids is None else [int(i) for i in self.threshold_ids]}
 
     def _write_epoch(
         self, records: dict[str, np.ndarray], means: Optional[dict[str, np.ndarray]], meta: dict[str, Any],
         epoch: int, step: int,
     ) -> None:
         """The epoch's scalars, then the publisher's outputs (writer thread, in order with the other epochs)."""
-        seen = records["seen_epochs"] > 0
-        n_seen = max(int(seen.sum()), 1)
-        scalars = {"samples/learned_fraction": float((records["last_correct"] == 1).sum() / n_seen)}
-        forgets = records["forgetting_events"].astype(np.int64)
-        prev = self.dynamics.forgets_before
-        if prev is not None and prev.shape == forgets.shape:
-            scalars["samples/forgotten_fraction"] = float((forgets > prev).sum() / n_seen)
-        else:
-            scalars["samples/forgotten_fraction"] = float((forgets > 0).sum() / n_seen)
-        self.dynamics.forgets_before = forgets
+        scalars = self.dynamics.epoch_scalars(records)
         out = EpochOutput(records, means, meta, epoch, step, scalars, self.threshold_ids)
         scalars = self.publisher.publish_epoch(out, self.sinks)
         if self.on_scalars is not None:
             cb = self.on_scalars
-            self._main(lambda: cb(scalars, step))
+            self.writer.on_main_thread(lambda: cb(scalars, step))
 
     # ------------------------------------------------------------------------------------------------ results
     def records(self) -> dict[str, np.ndarray]:
