@@ -3,47 +3,25 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Optional, Sequence, Tuple, Type, Union
 
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ._compat import CALLBACK_BASES, is_tensorboard_logger
 from .core.config import DEFAULT_LAYER_TYPES, IntrospectConfig
 from .core.batch import BatchKey, as_mapping, extract, logits_of
 from .core.introspector import Introspector
 from .core.samples import WithIndex
+from ._trainer import (
+    _check_strategy, _check_writable, _clips_gradients, _find_dataset, _forward_to, _len_or_none, _runs_own_forward,
+)
+from .publish import write_report_files
 from .sinks.tensorboard import TensorBoardSink
 
 _NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.\-]+")
-
-
-def _clips_gradients(trainer: Any, pl_module: Any) -> bool:
-    """Whether Lightning may clip the gradients after ``on_before_optimizer_step``: automatic optimization with
-    a positive ``gradient_clip_val``, or a module that overrides ``configure_gradient_clipping`` (its own rule)."""
-    if not getattr(pl_module, "automatic_optimization", True):
-        return False  # manual optimization: Lightning does not clip (the user clips before stepping)
-    clip_val = getattr(trainer, "gradient_clip_val", None)
-    if clip_val is not None and clip_val > 0:
-        return True
-    owner = next((c for c in type(pl_module).__mro__ if "configure_gradient_clipping" in vars(c)), None)
-    return owner is not None and not (
-        owner.__name__ == "LightningModule" and owner.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
-    )
-
-
-def _find_dataset(dataset: Any, cls: type) -> Any:
-    """Looks through wrapper datasets (``.dataset`` chains, e.g. Subset, WithIndex) for an instance of cls."""
-    seen = 0
-    while dataset is not None and seen < 16:
-        if isinstance(dataset, cls):
-            return dataset
-        dataset = getattr(dataset, "__dict__", {}).get("dataset")
-        seen += 1
-    return None
 
 
 class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
@@ -249,11 +227,13 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._clipping = False  # whether Lightning clips gradients after on_before_optimizer_step
 
     @property
+    @override
     def state_key(self) -> str:
         # Unnamed: the key checkpoints have always used, so that they still load.
         return "Introspect" if self.name is None else self._generate_state_key(name=self.name)
 
     # ------------------------------------------------------------------------------------------------ setup
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
@@ -280,7 +260,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if trainer.is_global_zero:
             _check_writable(self.records_dir)
             own_writer = tb is None or self.name is not None
-            sinks.append(TensorBoardSink(log_dir if own_writer else tb.experiment))
+            sinks.append(TensorBoardSink(log_dir if own_writer else tb.experiment))  # type: ignore[union-attr]
         others = [lg for lg in trainer.loggers if not is_tensorboard_logger(lg)] if self.forward_to_loggers else []
         on_scalars = _forward_to(others, self.name) if others and trainer.is_global_zero else None
         self.core = Introspector(
@@ -314,6 +294,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self.threshold_ids = None
         return prev.state_dict() if trainer is self._trainer else None
 
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         core = self._require_core()
         self._clipping = _clips_gradients(trainer, pl_module)
@@ -363,6 +344,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     # every-step cost); hook bodies that do more than a few attribute reads run inside `core.own_time()`.
     # Each Python call costs about a microsecond here (the forward and backward passes have just emptied the
     # caches), so an unsampled step without per-example dynamics makes two core calls and reads a few flags.
+    @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         core = self.core
         if core is None:
@@ -398,15 +380,17 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             return
         t0 = time.perf_counter()  # never inside another timed call: counted directly (no context object)
         self._captured = output.detach() if isinstance(output, Tensor) else logits_of(output)
-        self.core.add_own_time(time.perf_counter() - t0)  # type: ignore[union-attr]  (set before capturing)
+        self.core.add_own_time(time.perf_counter() - t0)  # type: ignore[union-attr]  # set before capturing
 
     # The backward window (see AsyncWriter.window) only matters while the writer has work: the writer checks
     # that itself, one call from here. Left untimed: a few attribute reads.
+    @override
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         core = self.core
         if core is not None:
             core.before_backward()
 
+    @override
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         core = self.core
         if core is not None:
@@ -416,11 +400,13 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     # With clipping on, the core also reads the norm the optimizer step uses (grad_norm/global_clipped): as the
     # step starts under AMP (scaler.step follows the clipping), else as it ends (the step began before this
     # hook: Lightning runs the closure inside optimizer.step), from the gradients the step left.
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         core = self.core
         if core is not None and core.sampled:  # observe_gradients is timed
             core.observe_gradients(optimizer, clipping=self._clipping)
 
+    @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         core = self.core
         if core is None:
@@ -456,9 +442,9 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             captured = logits is not None
         sample_loss = out.get("sample_loss")
         try:
-            if captured and logits.ndim < 2:
+            if captured and logits.ndim < 2:  # type: ignore[union-attr]
                 raise ValueError(
-                    f"the LightningModule's forward returned a tensor of shape {tuple(logits.shape)}, not logits "
+                    f"the LightningModule's forward returned a tensor of shape {tuple(logits.shape)}, not logits "  # type: ignore[union-attr]
                     "(N, C) or (N, T, C), and training_step returned no 'logits'. Return "
                     "{'loss': loss, 'logits': logits} from training_step, or pass `sample_dynamics=False`."
                 )
@@ -485,13 +471,16 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             return
         core.observe_batch(ids, targets=targets, logits=logits, sample_loss=sample_loss)
 
+    @override
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self.core is not None:
             self.core.pause()
 
+    @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._require_core().end_epoch(trainer.current_epoch, trainer.global_step)
 
+    @override
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         if self.core is not None:
             self.core.flush()
@@ -505,6 +494,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._captured = None
         self._frames.clear()
 
+    @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self._remove_capture_hook()
@@ -516,6 +506,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if trainer.is_global_zero and core.has_epoch_records and core.task != "regression" and not core.write_failures:
             self._write_report_files()
 
+    @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._remove_capture_hook()
         if self.core is not None:
@@ -534,22 +525,14 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     def _write_report_files(self) -> None:
         core = self._require_core()
         assert self.records_dir is not None
-        try:
-            from .datamap import save_data_map
-            from .report import CONFUSION_MD, write_class_view, write_suspects_csv
-
-            suspects = self.mislabeled()
-            write_suspects_csv(self.records_dir / "suspects.csv", suspects, class_names=self.class_names)
-            if core.task == "classification":
-                write_class_view(self.records_dir / CONFUSION_MD, suspects, class_names=self.class_names)
-            save_data_map(self.records_dir / "data_map.png", core.records(), suspects=suspects, class_names=self.class_names)
-        except (OSError, NotImplementedError) as err:
-            warnings.warn(f"lightning_introspect could not write the suspects report: {err}", RuntimeWarning)
+        write_report_files(self.records_dir, self.mislabeled, core.records, core.task, self.class_names)
 
     # ------------------------------------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return self.core.state_dict() if self.core is not None else (self._loaded_state or {})
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
@@ -566,66 +549,3 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     @staticmethod
     def _not_set_up() -> RuntimeError:
         return RuntimeError("Introspect is used before `setup`: attach it to a Trainer and call `fit`.")
-
-
-#: Strategies whose parameters the callback cannot read: FSDP1 flattens and shards them into FlatParameters,
-#: DeepSpeed (ZeRO) partitions them and keeps gradients in its own buffers. Names, as deepspeed may be absent.
-_UNSUPPORTED_STRATEGIES = {"FSDPStrategy": "FSDP1", "DeepSpeedStrategy": "DeepSpeed"}
-
-
-def _check_strategy(trainer: Any) -> None:
-    """Refuses, at setup, a strategy whose gradient norms would come out wrong or missing."""
-    names = [cls.__name__ for cls in type(getattr(trainer, "strategy", None)).__mro__]
-    found = next((n for n in names if n in _UNSUPPORTED_STRATEGIES), None)
-    if found is not None:
-        raise ValueError(
-            f"Introspect does not support Lightning's `{found}` ({_UNSUPPORTED_STRATEGIES[found]}): it flattens and "
-            "partitions the parameters and their gradients, so the gradient norms would be wrong or missing. Shard "
-            "with FSDP2 instead (`strategy=ModelParallelStrategy()` and `fully_shard` in `configure_model`), or train "
-            "with `strategy=\"ddp\"`."
-        )
-
-
-def _forward_to(loggers: Sequence[Any], name: Optional[str]) -> Callable[[dict[str, float], int], None]:
-    """Sends host scalars to Lightning loggers (on the training thread, after they were written); a named
-    callback's tags start with ``<name>/``, so that two callbacks' scalars stay apart in one logger."""
-
-    def on_scalars(scalars: dict[str, float], step: int) -> None:
-        if name is not None:
-            scalars = {f"{name}/{tag}": value for tag, value in scalars.items()}
-        for lg in loggers:
-            lg.log_metrics(scalars, step)
-
-    return on_scalars
-
-
-def _runs_own_forward(module: nn.Module) -> bool:
-    """Whether a call of ``module`` runs its own ``forward``: a method bound to it, possibly under decorators
-    that keep ``__wrapped__`` (``torch.compile``), and not a function a strategy put in its place."""
-    fwd: Any = module.forward
-    for _ in range(8):
-        if getattr(fwd, "__self__", None) is module:
-            return True
-        fwd = getattr(fwd, "__wrapped__", None)
-        if fwd is None:
-            return False
-    return False
-
-
-def _len_or_none(dataset: Any) -> Optional[int]:
-    try:
-        return len(dataset)
-    except TypeError:
-        return None
-
-
-def _check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise PermissionError(
-            f"lightning_introspect cannot write to {directory} ({err.strerror or err}). Give the Trainer a writable "
-            "`default_root_dir` (or the logger a writable `save_dir`), or pass `Introspect(log_dir=...)`."
-        ) from err

@@ -141,7 +141,7 @@ def _build_figure(
     notes: list[str] = []
     if sampled:
         notes.append(f"Drawn: a random sample (seed {seed}) of {ids.size:,} of {num_drawable:,} examples"
-                     + (f"; circled: a sample of {flag_draw.size:,} of the {flagged_ids.size:,} flagged."
+                     + (f"; circled: a sample of {flag_draw.size:,} of the {flagged_ids.size:,} flagged."  # type: ignore[union-attr]
                         if flag_sampled else "; every flagged example is circled." if flagged_ids is not None
                         else "."))
     left_out = []
@@ -196,7 +196,7 @@ def _build_figure(
         rasterized=True, zorder=2,
     )
     colorbar = fig.colorbar(mappable, cax=cax)
-    colorbar.solids.set_alpha(1.0)
+    colorbar.solids.set_alpha(1.0)  # type: ignore[union-attr]
     colorbar.set_label("share of epochs predicted correctly", fontsize=11)
     colorbar.ax.tick_params(labelsize=10)
 

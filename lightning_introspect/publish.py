@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -85,7 +86,7 @@ class RecordsPublisher:
             return None
         from .core.scoring import find_label_issues
 
-        return find_label_issues(out.records, threshold_ids=out.threshold_ids, num_classes=out.meta["num_classes"])
+        return find_label_issues(out.records, threshold_ids=out.threshold_ids, num_classes=out.meta["num_classes"])  # type: ignore[arg-type]
 
     def _write_pictures(
         self, records: dict[str, np.ndarray], suspects: Any, epoch: int, step: int, sinks: Sequence[Sink]
@@ -106,6 +107,25 @@ class RecordsPublisher:
             if confusion is not None:
                 sink.add_text("samples/confusion", confusion, step)
             sink.add_image("samples/data_map", image, step)
+
+
+def write_report_files(
+    records_dir: Path, suspects_of: Callable[[], Any], records_of: Callable[[], dict[str, np.ndarray]],
+    task: Optional[str], class_names: Optional[Sequence[str]],
+) -> None:
+    """After training: ``suspects.csv``, the per-class view (classification) and ``data_map.png`` under
+    ``records_dir``; a failure is a warning (training is over, its records are kept)."""
+    try:
+        from .datamap import save_data_map
+        from .report import CONFUSION_MD, write_class_view, write_suspects_csv
+
+        suspects = suspects_of()
+        write_suspects_csv(records_dir / "suspects.csv", suspects, class_names=class_names)
+        if task == "classification":
+            write_class_view(records_dir / CONFUSION_MD, suspects, class_names=class_names)
+        save_data_map(records_dir / "data_map.png", records_of(), suspects=suspects, class_names=class_names)
+    except (OSError, NotImplementedError) as err:
+        warnings.warn(f"lightning_introspect could not write the suspects report: {err}", RuntimeWarning)
 
 
 def default_publisher(

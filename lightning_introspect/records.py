@@ -96,7 +96,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], object]) -> Path:
     """Write ``path`` through ``write(file)`` under a temporary name, fsync, then ``os.replace`` it.
 
     The folder is created if needed. On any failure the temporary file is removed and the previous ``path``
@@ -234,7 +234,7 @@ def write_records(directory: PathLike, arrays: Mapping[str, np.ndarray], meta: M
         raise ValueError(f"`meta` must be JSON-serializable: {err}.") from err
 
     directory = Path(directory)
-    npz_path = _atomic_write(directory / SAMPLES_NPZ, lambda f: np.savez(f, **arrays))
+    npz_path = _atomic_write(directory / SAMPLES_NPZ, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     _atomic_write(directory / SAMPLES_JSON, lambda f: f.write(meta_bytes))
     return npz_path
 
@@ -275,7 +275,7 @@ def write_epoch_history(directory: PathLike, epoch: int, arrays: Mapping[str, np
             raise ValueError(f"`arrays[{name!r}]` must be bool, integer or float, got {value.dtype}.")
         stored[name] = value.astype(np.float32) if value.dtype.kind == "f" else value
     path = Path(directory) / HISTORY_DIR / f"epoch_{epoch:04d}.npz"
-    return _atomic_write(path, lambda f: np.savez(f, **stored))
+    return _atomic_write(path, lambda f: np.savez(f, **stored))  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------- reading

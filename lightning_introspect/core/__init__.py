@@ -4,7 +4,8 @@ from .hooks import HookSet, select_layers
 from .introspector import Introspector
 from .samples import PerSampleStore, WithIndex, classification_figures, sequence_figures
 from .schedule import SamplingSchedule
-from .stats import GradNorms, LayerStats, histogram_counts, histogram_edges
+from .gradients import GradNorms
+from .stats import LayerStats, histogram_counts, histogram_edges
 
 __all__ = [
     "DEFAULT_LAYER_TYPES", "GradNorms", "HookSet", "IntrospectConfig", "Introspector", "LayerStats",

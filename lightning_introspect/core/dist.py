@@ -133,7 +133,7 @@ def is_dtensor(t: Any) -> bool:
 
 def local_part(t: Tensor) -> Tensor:
     """The part of ``t`` this rank holds: a DTensor's local shard (no communication), else ``t`` itself."""
-    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]  (to_local(), without autograd)
+    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]  # to_local(), without autograd
 
 
 def counted_here(t: Tensor) -> bool:

@@ -3,6 +3,7 @@ across ranks, packed into one float64 row by a :class:`PackedLayout`, copied to 
 scalars and histograms on the writer thread by the same layout."""
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from .dynamics import Dynamics
 from .hooks import HookSet
 from .samples import BAD_INPUT_NAMES
 from .schedule import SamplingSchedule, quantize_interval
-from .stats import HIST_BINS, CaptureFolder, GradNorms, LayerStats, histogram_edges, to_device
+from .gradients import GradNorms
+from .stats import HIST_BINS, CaptureFolder, LayerStats, histogram_edges, to_device
 from .writer import AsyncWriter
 
 _EDGES = histogram_edges()
@@ -87,6 +89,10 @@ class PackedLayout:
         return out
 
 
+def _same(row: np.ndarray) -> np.ndarray:
+    return row
+
+
 class LayerMeta(NamedTuple):
     """What the decode needs to know of one flushed layer."""
 
@@ -111,7 +117,7 @@ class FlushMeta:
     histogram: bool
     counters_only: bool
     dead_layers: dict[str, str]
-    interval: int
+    interval: float
     overhead: Optional[float]
     layout: PackedLayout
 
@@ -208,7 +214,7 @@ class FlushPipeline:
                 self.apply_interval(proposed, interval if distributed else None)
         meta = FlushMeta(
             step=step,
-            layers=[LayerMeta(n, c.units, c.count > 0, st.judged_windows + bool(c.unit_max))
+            layers=[LayerMeta(n, c.units or 0, c.count > 0, st.judged_windows + bool(c.unit_max))
                     for (n, st), c in zip(layers, captures)],
             grad_layers=grad_layers, grad_observed=grad_observed, grad_updated=grad_updated,
             grad_clipped=grad_clipped, param_positions=param_positions, order=list(self.hooks.order),
@@ -249,7 +255,7 @@ class FlushPipeline:
                 rows = self.to_host(packed)()
             assert rows is not None
             for row, meta in zip(rows, metas):
-                self.write_flush(lambda row=row: row, meta)
+                self.write_flush(functools.partial(_same, row), meta)
 
         self.submit(fold_and_write)
 

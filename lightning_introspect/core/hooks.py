@@ -199,8 +199,8 @@ class HookSet:
             ok = st.capture(x, moments=cfg.activations, dead=dead, max_stat_elements=cfg.max_stat_elements)
             if not ok:
                 self.on_skip(name, f"changed its number of units (now {tuple(x.shape)})")
-            elif dead and st.rule.source == "gradient" and out.requires_grad and not is_dtensor(out):
-                out.register_hook(functools.partial(_grad_hook, st, cfg.max_rows))
+            elif dead and st.rule.source == "gradient" and out.requires_grad and not is_dtensor(out):  # type: ignore[union-attr]
+                out.register_hook(functools.partial(_grad_hook, st, cfg.max_rows))  # type: ignore[union-attr]
 
         # Under torch.compile the hook runs eagerly: Dynamo would otherwise trace it and recompile it per layer
         # name and output shape. The compiled module keeps two cached graphs (with and without hooks), so

@@ -240,7 +240,7 @@ class Introspector:
                 self._own_since = None
                 self.overhead_seconds += now - t0
             # the step's own time: its timed calls so far, and the one in progress
-            self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + (0.0 if outer else now - start))
+            self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + (0.0 if outer else now - start))  # type: ignore[operator]
 
     def _run_eager(self) -> None:
         """Runs the sampled step's ``torch.compile`` code eagerly (``torch.compiler.set_stance("force_eager")``,

@@ -107,7 +107,7 @@ class TensorBoardSink:
 
             ew = getattr(fw, "event_writer", None)
             if type(ew) is EventFileWriter and callable(getattr(getattr(ew, "_async_writer", None), "write", None)):
-                queue = ew._async_writer
+                queue = ew._async_writer  # type: ignore[union-attr]
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             pass
         self._byte_writer = (fw, queue)

@@ -15,7 +15,8 @@ from helpers.tb import read_events
 from torch import Tensor, nn
 
 from lightning_introspect.core import IntrospectConfig, Introspector, LayerStats, histogram_counts, histogram_edges
-from lightning_introspect.core.stats import HIST_BINS, HIST_K, HIST_LO, HIST_RATIO, GradNorms, sparse_sq_norm
+from lightning_introspect.core.gradients import GradNorms, sparse_sq_norm
+from lightning_introspect.core.stats import HIST_BINS, HIST_K, HIST_LO, HIST_RATIO
 from lightning_introspect.sinks import TensorBoardSink
 
 Scalars = dict[str, dict[int, float]]
