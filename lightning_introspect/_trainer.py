@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from torch import nn
+
+from .core.config import IntrospectConfig
+from .core.samples import WithIndex
 
 
 def _clips_gradients(trainer: Any, pl_module: Any) -> bool:
@@ -94,3 +97,56 @@ def _check_writable(directory: Path) -> None:
             f"lightning_introspect cannot write to {directory} ({err.strerror or err}). Give the Trainer a writable "
             "`default_root_dir` (or the logger a writable `save_dir`), or pass `Introspect(log_dir=...)`."
         ) from err
+
+
+class SampleIdsPlan(NamedTuple):
+    """How a fit finds its sample ids: whether it records per-example dynamics, where the ids are, the
+    WithIndex's key, the number of examples the ids index and the AUM threshold samples, if any."""
+
+    dynamics: bool
+    id_key: Any
+    index_key: Optional[str]
+    num_examples: Optional[int]
+    threshold_ids: Any
+
+
+def _sample_ids_plan(loader: Any, cfg: IntrospectConfig, ids_key: Any) -> SampleIdsPlan:
+    """Reads the training loader's dataset (through wrappers) for :class:`SampleIdsPlan`; raises when
+    per-example dynamics are asked for and cannot be had."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None and isinstance(loader, (list, tuple)) and loader:
+        dataset = getattr(loader[0], "dataset", None)
+    wrapped = _find_dataset(dataset, WithIndex)
+    from .core.threshold import ThresholdSamples  # noqa: PLC0415 (optional feature)
+
+    ts = _find_dataset(dataset, ThresholdSamples)
+    threshold_ids = ts.threshold_ids if ts is not None else None
+    dynamics, id_key = False, None
+    if cfg.sample_dynamics is False:
+        dynamics = False
+    elif ids_key != "auto" and ids_key is not None:
+        dynamics, id_key = True, ids_key
+    elif wrapped is not None:
+        dynamics, id_key = True, "auto"
+    elif cfg.sample_dynamics:
+        raise ValueError(
+            "Introspect(sample_dynamics=True) found no sample ids: wrap the training set as "
+            "`WithIndex(dataset)`, or pass `ids=` (a tuple position, dict key or function of the batch)."
+        )
+    index_key = wrapped.key if wrapped is not None else None
+    n = None
+    if dynamics:
+        # The store is sized by the dataset whose positions are the ids: the WithIndex, also when a split or
+        # Subset of it is trained on (its ids then reach past len(the split); the examples left out are
+        # never seen, so they are neither ranked nor counted in any share).
+        n = cfg.num_examples
+        if n is None and dataset is not None:
+            n = _len_or_none(dataset)
+            if wrapped is not None:
+                n = len(wrapped) if id_key == "auto" or n is None else max(n, len(wrapped))
+        if n is None:
+            raise ValueError(
+                "Introspect needs the number of training examples for per-example dynamics, and the dataset "
+                "has no len(): pass `num_examples=` (sample ids must lie in [0, num_examples))."
+            )
+    return SampleIdsPlan(dynamics, id_key, index_key, n, threshold_ids)

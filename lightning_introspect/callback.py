@@ -12,11 +12,10 @@ from typing_extensions import override
 
 from ._compat import CALLBACK_BASES, is_tensorboard_logger
 from .core.config import DEFAULT_LAYER_TYPES, IntrospectConfig
-from .core.batch import BatchKey, as_mapping, extract, logits_of
+from .core.batch import BatchKey, as_mapping, logits_of, read_ids_and_targets
 from .core.introspector import Introspector
-from .core.samples import WithIndex
 from ._trainer import (
-    _check_strategy, _check_writable, _clips_gradients, _find_dataset, _forward_to, _len_or_none, _runs_own_forward,
+    _check_strategy, _check_writable, _clips_gradients, _forward_to, _runs_own_forward, _sample_ids_plan,
 )
 from .publish import write_report_files
 from .sinks.tensorboard import TensorBoardSink
@@ -298,46 +297,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         core = self._require_core()
         self._clipping = _clips_gradients(trainer, pl_module)
-        loader = trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None and isinstance(loader, (list, tuple)) and loader:
-            dataset = getattr(loader[0], "dataset", None)
-        wrapped = _find_dataset(dataset, WithIndex)
-        from .core.threshold import ThresholdSamples  # noqa: PLC0415 (optional feature)
-
-        ts = _find_dataset(dataset, ThresholdSamples)
-        if ts is not None:
-            self.threshold_ids = core.threshold_ids = ts.threshold_ids
-        cfg = self.config
-        if cfg.sample_dynamics is False:
-            self._dynamics = False
-        elif self.ids_key != "auto" and self.ids_key is not None:
-            self._dynamics, self._id_key = True, self.ids_key
-        elif wrapped is not None:
-            self._dynamics, self._id_key = True, "auto"
-        elif cfg.sample_dynamics:
-            raise ValueError(
-                "Introspect(sample_dynamics=True) found no sample ids: wrap the training set as "
-                "`WithIndex(dataset)`, or pass `ids=` (a tuple position, dict key or function of the batch)."
-            )
-        else:
-            self._dynamics = False
-        self._index_key = wrapped.key if wrapped is not None else None
-        if self._dynamics:
-            # The store is sized by the dataset whose positions are the ids: the WithIndex, also when a split or
-            # Subset of it is trained on (its ids then reach past len(the split); the examples left out are
-            # never seen, so they are neither ranked nor counted in any share).
-            n = cfg.num_examples
-            if n is None and dataset is not None:
-                n = _len_or_none(dataset)
-                if wrapped is not None:
-                    n = len(wrapped) if self._id_key == "auto" or n is None else max(n, len(wrapped))
-            if n is None:
-                raise ValueError(
-                    "Introspect needs the number of training examples for per-example dynamics, and the dataset "
-                    "has no len(): pass `num_examples=` (sample ids must lie in [0, num_examples))."
-                )
-            core.num_examples = n  # a store made for fewer examples grows (its records are kept)
+        plan = _sample_ids_plan(trainer.train_dataloader, self.config, self.ids_key)
+        if plan.threshold_ids is not None:
+            self.threshold_ids = core.threshold_ids = plan.threshold_ids
+        self._dynamics, self._id_key, self._index_key = plan.dynamics, plan.id_key, plan.index_key
+        if plan.num_examples is not None:
+            core.num_examples = plan.num_examples  # a store made for fewer examples grows (its records are kept)
 
     # ------------------------------------------------------------------------------------------------ steps
     # These hooks run on every step. The core's begin_step and end_step time themselves (the budget's
@@ -442,30 +407,11 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             captured = logits is not None
         sample_loss = out.get("sample_loss")
         try:
-            if captured and logits.ndim < 2:  # type: ignore[union-attr]
-                raise ValueError(
-                    f"the LightningModule's forward returned a tensor of shape {tuple(logits.shape)}, not logits "  # type: ignore[union-attr]
-                    "(N, C) or (N, T, C), and training_step returned no 'logits'. Return "
-                    "{'loss': loss, 'logits': logits} from training_step, or pass `sample_dynamics=False`."
-                )
-            ids = extract(batch, self._id_key, "ids", self._index_key)
-            targets = out.get("targets")
-            if targets is None and logits is not None:
-                targets = extract(batch, self.targets_key, "targets", self._index_key)
-                if targets is ids and ids is not None:
-                    raise ValueError(
-                        f"the sample ids and the targets are the same element of the batch (ids={self.ids_key!r}, "
-                        f"targets={self.targets_key!r}): the labels would be taken for sample ids. Wrap the training "
-                        "set in `WithIndex` (it adds the index as the last element, or an 'index' key), or point "
-                        "`ids=` and `targets=` at different elements."
-                    )
-            if logits is None and sample_loss is None and core.batches_seen == 0:
-                what = type(self._captured).__name__ if self._captured is not None else "nothing (forward was not called)"
-                raise ValueError(
-                    "Introspect found no logits: training_step returned no 'logits' and the LightningModule's "
-                    f"forward returned {what}. Return {{'loss': loss, 'logits': logits}} from training_step (or a "
-                    "(N,) 'sample_loss' without logits), or pass `sample_dynamics=False`."
-                )
+            ids, targets = read_ids_and_targets(
+                batch, out, logits, captured=captured, forward_output=self._captured, ids_key=self._id_key,
+                targets_key=self.targets_key, index_key=self._index_key, user_ids_key=self.ids_key,
+                first_batch=core.batches_seen == 0,
+            )
         except ValueError as err:
             core.skip_batch(err)  # raised while no batch was accepted, else a warning
             return

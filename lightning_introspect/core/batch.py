@@ -75,3 +75,38 @@ def from_sequence(batch: Sequence[Any], key: BatchKey, what: str) -> Any:
     if not isinstance(key, int) or not -len(batch) <= key < len(batch):
         raise ValueError(f"the batch has {len(batch)} elements; {what} position {key!r} is not among them.")
     return batch[key]
+
+
+def read_ids_and_targets(
+    batch: Any, out: Mapping[str, Any], logits: Any, *, captured: bool, forward_output: Any, ids_key: BatchKey,
+    targets_key: BatchKey, index_key: Optional[str], user_ids_key: BatchKey, first_batch: bool,
+) -> tuple[Any, Any]:
+    """The sample ids and targets of a Lightning training batch, with ``out`` the step's output mapping and
+    ``logits`` the logits found (``captured``: taken from the module's forward output ``forward_output``).
+    Raises ValueError for what makes the batch unusable: forward output that is not logits, ids that are the
+    targets, and (on the ``first_batch``) neither logits nor a per-example loss."""
+    if captured and logits.ndim < 2:
+        raise ValueError(
+            f"the LightningModule's forward returned a tensor of shape {tuple(logits.shape)}, not logits "
+            "(N, C) or (N, T, C), and training_step returned no 'logits'. Return "
+            "{'loss': loss, 'logits': logits} from training_step, or pass `sample_dynamics=False`."
+        )
+    ids = extract(batch, ids_key, "ids", index_key)
+    targets = out.get("targets")
+    if targets is None and logits is not None:
+        targets = extract(batch, targets_key, "targets", index_key)
+        if targets is ids and ids is not None:
+            raise ValueError(
+                f"the sample ids and the targets are the same element of the batch (ids={user_ids_key!r}, "
+                f"targets={targets_key!r}): the labels would be taken for sample ids. Wrap the training "
+                "set in `WithIndex` (it adds the index as the last element, or an 'index' key), or point "
+                "`ids=` and `targets=` at different elements."
+            )
+    if logits is None and out.get("sample_loss") is None and first_batch:
+        what = type(forward_output).__name__ if forward_output is not None else "nothing (forward was not called)"
+        raise ValueError(
+            "Introspect found no logits: training_step returned no 'logits' and the LightningModule's "
+            f"forward returned {what}. Return {{'loss': loss, 'logits': logits}} from training_step (or a "
+            "(N,) 'sample_loss' without logits), or pass `sample_dynamics=False`."
+        )
+    return ids, targets
