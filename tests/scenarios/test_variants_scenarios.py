@@ -285,3 +285,292 @@ def test_ddp_spawn_takes_logits_from_a_tuple_forward_when_the_step_returns_a_dic
     assert records["seen_epochs"].tolist() == [2] * 21
     np.testing.assert_array_equal(records["label"], ds.tensors[1].numpy())
     np.testing.assert_allclose(records["loss_sum"], 2 * expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- item 7
+class _Bag(pl.LightningModule):  # type: ignore[misc]
+    """``EmbeddingBag(sparse=True, mode='sum')`` over variable-length bags (offsets), then a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = nn.EmbeddingBag(12, 6, mode="sum", sparse=True)
+        self.head = nn.Linear(6, 3)
+        self.grads: dict[int, dict[str, Tensor]] = {}
+
+    def forward(self, tokens: Tensor, offsets: Tensor) -> Tensor:
+        return self.head(self.bag(tokens, offsets))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        tokens, offsets, y = batch
+        return F.cross_entropy(self(tokens, offsets), y)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.grads[self.global_step] = {n: p.grad.to_dense().clone() for n, p in self.named_parameters()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+
+def _bags(n: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(1, 5, (4,), generator=g)
+        tokens = torch.randint(0, 4, (int(lengths.sum()),), generator=g)  # 4 of 12 rows: many repeats
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+        out.append((tokens, offsets, torch.randint(0, 3, (4,), generator=g)))
+    return out
+
+
+def test_embedding_bag_sparse_gradients_give_the_dense_norms(tmp_path: Path) -> None:
+    """Test that a sparse EmbeddingBag (repeated rows in each bag: uncoalesced gradients) logs, at every step,
+    the global and per-parameter gradient norms of the dense gradients."""
+    model = _Bag()
+    cb = Introspect(every_n_steps=1, warmup_steps=0, histograms=False, param_grad_norms=True)
+    ours = _fit(tmp_path, model, DataLoader(_bags(6), batch_size=None), cb, max_epochs=1)
+    assert ours == []
+    events = read_events(tmp_path / "version_0")
+    assert events.steps("grad_norm/global") == list(range(6))
+    for step, value in events.scalars["grad_norm/global"]:
+        grads = model.grads[step]
+        want = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()])).item()
+        assert value == pytest.approx(want, rel=1e-5), step
+    for step, value in events.scalars["param_grad_norm/bag.weight"]:
+        assert value == pytest.approx(torch.linalg.vector_norm(model.grads[step]["bag.weight"]).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- item 9
+def test_an_unnamed_and_a_named_callback_keep_their_own_runs_and_state(tmp_path: Path) -> None:
+    """Test that an unnamed and a named callback with other cadences run side by side: each writes its own
+    steps to its own dir, keeps its own records, and the checkpoint holds both states under distinct keys."""
+    plain = Introspect(every_n_steps=2, warmup_steps=0, histograms=False)
+    named = Introspect(every_n_steps=3, warmup_steps=0, histograms=False, name="every3")
+    tr = trainer("lightning.pytorch", tmp_path, callbacks=[plain, named], max_epochs=2)
+    tr.fit(classifier(), loader(WithIndex(classification_data(32))))
+    assert plain.state_key != named.state_key
+    assert read_events(tmp_path / "version_0").steps("grad_norm/global") == [0, 2, 4, 6]
+    assert read_events(tmp_path / "version_0" / "every3").steps("grad_norm/global") == [0, 3, 6]
+    for run in (tmp_path / "version_0", tmp_path / "version_0" / "every3"):
+        assert read_records(run)[0]["seen_epochs"].tolist() == [2] * 32
+    ckpt = tmp_path / "last.ckpt"
+    tr.save_checkpoint(ckpt)
+    states = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert {plain.state_key, named.state_key} <= set(states)
+
+
+# ---------------------------------------------------------------------------------------------- item 10
+class _Tagger(pl.LightningModule):  # type: ignore[misc]
+    """A token tagger (N, T, C) with padding targets -1; lr 0, so each sequence's loss is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 8)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(torch.relu(self.emb(tokens)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        tokens, tags, _ = batch
+        logits = self(tokens)
+        loss = F.cross_entropy(logits.flatten(0, 1), tags.flatten(), ignore_index=-1)
+        return {"loss": loss, "logits": logits.detach()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_sequence_padding_with_a_custom_ignore_index_is_left_out_silently(tmp_path: Path) -> None:
+    """Test that tag sequences padded with -1 (Introspect(ignore_index=-1)) give no warning and each
+    sequence's loss is the mean over its real tokens."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 10, (12, 6), generator=g)
+    tags = torch.randint(0, 5, (12, 6), generator=g)
+    lengths = torch.randint(2, 7, (12,), generator=g)
+    tags[torch.arange(6).expand(12, 6) >= lengths.unsqueeze(1)] = -1
+    model = _Tagger()
+    with torch.no_grad():
+        tok = F.cross_entropy(model(tokens).flatten(0, 1), tags.flatten(), ignore_index=-1, reduction="none")
+        expected = (tok.view(12, 6).sum(1) / lengths).numpy()
+    cb = Introspect(every_n_steps=2, warmup_steps=0, histograms=False, ignore_index=-1)
+    ours = _fit(tmp_path, model, loader(WithIndex(torch.utils.data.TensorDataset(tokens, tags)), batch_size=4), cb,
+                max_epochs=2)
+    assert ours == []
+    records, _ = read_records(tmp_path / "version_0")
+    assert records["seen_epochs"].tolist() == [2] * 12
+    np.testing.assert_allclose(records["loss_sum"], 2 * expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- item 11
+class _Recorded(pl.LightningModule):  # type: ignore[misc]
+    """:func:`mlp`; keeps each optimizer step's gradients as Lightning hands them to clipping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp()
+        self.grads: dict[int, list[Tensor]] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1]) * 10  # large gradients: clipping bites
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.grads[self.global_step] = [p.grad.detach().clone() for p in self.parameters()]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_with_accumulation_logs_both_norms(tmp_path: Path, algorithm: str) -> None:
+    """Test that with accumulate_grad_batches=2 and gradient_clip_val, each sampled step logs the norm of the
+    accumulated gradients before clipping and the norm of the clipped ones (by norm or by value)."""
+    model = _Recorded()
+    cb = Introspect(every_n_steps=1, warmup_steps=0, histograms=False)
+    ours = _fit(tmp_path, model, loader(classification_data(48)), cb, max_epochs=1, accumulate_grad_batches=2,
+                gradient_clip_val=0.05, gradient_clip_algorithm=algorithm)
+    assert ours == []
+    events = read_events(tmp_path / "version_0")
+    assert events.steps("grad_norm/global") == events.steps("grad_norm/global_clipped") == list(range(3))
+    for (step, before), (_, after) in zip(events.scalars["grad_norm/global"], events.scalars["grad_norm/global_clipped"]):
+        grads = model.grads[step]
+        norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+        if algorithm == "norm":
+            clipped = norm * min(1.0, 0.05 / (norm.item() + 1e-6))
+        else:
+            clipped = torch.linalg.vector_norm(torch.cat([g.clamp(-0.05, 0.05).reshape(-1) for g in grads]))
+        assert before == pytest.approx(norm.item(), rel=1e-5), step
+        assert after == pytest.approx(float(clipped), rel=1e-4), step
+        assert after < before
+
+
+# ---------------------------------------------------------------------------------------------- item 12
+class _Gelu(nn.Module):
+    """``Linear(3, 4)`` whose units sit in [-1.5, -0.5) for inputs in [0, 1), then GELU (a module, or
+    ``F.gelu``): healthy, no unit dead."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.act = nn.Identity() if functional else nn.GELU()
+        self.functional = functional
+        self.out = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.fc.weight.fill_(1.0 / 3)
+            self.fc.bias.fill_(-1.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        return self.out(F.gelu(h) if self.functional else self.act(h))
+
+
+class _Cnn(nn.Module):
+    """Conv2d(1, 3) + BatchNorm2d(3) + ReLU (a module, or ``F.relu``); the BN shifts channel 0 far below 0:
+    exactly one dead channel."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.Identity() if functional else nn.ReLU()
+        self.functional = functional
+        self.out = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.bn.bias.copy_(torch.tensor([-100.0, 0.0, 0.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(self.conv(x))
+        return self.out((F.relu(h) if self.functional else self.relu(h)).mean((2, 3)))
+
+
+class _Wrap(pl.LightningModule):  # type: ignore[misc]
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn.GELU", "F.gelu"])
+def test_gelu_mlp_units_below_zero_are_not_dead(tmp_path: Path, functional: bool) -> None:
+    """Test that a GELU whose inputs all sit below 0 is never called dead: an nn.GELU gets no dead tag (nor
+    the Linear it judges), and the Linear before an F.gelu, judged by its gradient, has no dead unit."""
+    torch.manual_seed(0)
+    x = torch.rand(32, 3)
+    cb = Introspect(every_n_steps=1, warmup_steps=0, histograms=False, dead_window=2)
+    _fit(tmp_path, _Wrap(_Gelu(functional)), loader(torch.utils.data.TensorDataset(x, torch.randint(0, 2, (32,)))),
+         cb, max_epochs=1)
+    scalars = read_events(tmp_path / "version_0").scalars
+    assert len(scalars["activation_mean/net.fc"]) == 4
+    if functional:
+        dead = [v for _, v in scalars["dead_fraction/net.fc"]]
+        assert len(dead) >= 3 and dead == [0.0] * len(dead)
+    else:
+        assert not any(t.startswith(("dead_", "saturated_")) and t.endswith(("/net.act", "/net.fc")) for t in scalars)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn.ReLU", "F.relu"])
+def test_conv_batchnorm_relu_cnn_has_one_dead_channel(tmp_path: Path, functional: bool) -> None:
+    """Test that in a Conv2d+BatchNorm+ReLU block whose BN pins channel 0 far below 0, one unit of three is
+    dead: judged at the nn.ReLU, or at the conv by its gradient (none reaches channel 0) under F.relu."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 5, 5)
+    cb = Introspect(every_n_steps=1, warmup_steps=0, histograms=False, dead_window=2)
+    _fit(tmp_path, _Wrap(_Cnn(functional)), loader(torch.utils.data.TensorDataset(x, torch.randint(0, 2, (32,)))),
+         cb, max_epochs=1)
+    scalars = read_events(tmp_path / "version_0").scalars
+    layer = "net.conv" if functional else "net.relu"
+    assert [v for _, v in scalars[f"dead_count/{layer}"]][-1] == 1.0
+    assert scalars[f"dead_fraction/{layer}"][-1][1] == pytest.approx(1 / 3)
+    judged = {t.split("/", 1)[1] for t in scalars if t.startswith("dead_fraction/")}
+    assert judged == {layer, "net.out"}
+
+
+# ---------------------------------------------------------------------------------------------- item 13
+class _TwoHeads(pl.LightningModule):  # type: ignore[misc]
+    """A TransformerEncoderLayer body, a used head and an ``aux`` head that forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+        self.aux = nn.Linear(8, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.enc(self.emb(tokens)).mean(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_transformer_layer_with_an_unused_head_names_only_that_head(tmp_path: Path) -> None:
+    """Test that a TransformerEncoderLayer's attention gets statistics on every sampled step, and the one
+    warning after the first epoch names the unused head only (not out_proj, not the used layers)."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randint(0, 10, (24, 5), generator=g), torch.randint(0, 3, (24,), generator=g))
+    cb = Introspect(every_n_steps=2, warmup_steps=0, histograms=False)
+    ours = _fit(tmp_path, _TwoHeads(), loader(data), cb, max_epochs=3)
+    uncalled = [w for w in ours if "never called" in w or "no statistics" in w]
+    assert len(uncalled) == 1, ours
+    assert "'aux'" in uncalled[0] and "out_proj" not in uncalled[0] and "'head'" not in uncalled[0]
+    events = read_events(tmp_path / "version_0")
+    sampled = events.steps("grad_norm/global")
+    assert sampled == [0, 2, 4, 6, 8]
+    assert events.steps("activation_mean/enc.self_attn") == sampled
+    assert "activation_mean/aux" not in events.scalars
