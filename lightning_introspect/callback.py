@@ -49,6 +49,19 @@ def _find_dataset(dataset: Any, cls: type) -> Any:
     return None
 
 
+def _with_index_in_parts(dataset: Any) -> bool:
+    """Whether a concatenation (``ConcatDataset``: ``.datasets`` and ``.cumulative_sizes``) on the ``.dataset``
+    chain holds a ``WithIndex`` inside one of its parts: each part's ids count from 0, so they collide."""
+    seen = 0
+    while dataset is not None and seen < 16:
+        parts = getattr(dataset, "datasets", None)
+        if hasattr(dataset, "cumulative_sizes") and isinstance(parts, (list, tuple)):
+            return any(_find_dataset(p, WithIndex) is not None or _with_index_in_parts(p) for p in parts)
+        dataset = getattr(dataset, "__dict__", {}).get("dataset")
+        seen += 1
+    return False
+
+
 class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     """Live introspection of training: activations, dead units, gradient norms, per-example loss dynamics.
 
@@ -334,6 +347,13 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if ts is not None:
             self.threshold_ids = core.threshold_ids = ts.threshold_ids
         cfg = self.config
+        auto_ids = self.ids_key == "auto"
+        if cfg.sample_dynamics is not False and wrapped is None and auto_ids and _with_index_in_parts(dataset):
+            raise ValueError(
+                "the training set concatenates datasets wrapped in `WithIndex` (a `ConcatDataset` of them): each "
+                "part's sample ids count from 0, so examples of different parts would share ids. Wrap the "
+                "concatenation instead: `WithIndex(ConcatDataset([a, b]))`, or pass `ids=` to ids of your own."
+            )
         if cfg.sample_dynamics is False:
             self._dynamics = False
         elif self.ids_key != "auto" and self.ids_key is not None:

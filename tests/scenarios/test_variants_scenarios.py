@@ -574,3 +574,20 @@ def test_transformer_layer_with_an_unused_head_names_only_that_head(tmp_path: Pa
     assert sampled == [0, 2, 4, 6, 8]
     assert events.steps("activation_mean/enc.self_attn") == sampled
     assert "activation_mean/aux" not in events.scalars
+
+
+def test_concat_of_with_index_parts_is_refused_and_with_index_of_concat_works(tmp_path: Path) -> None:
+    """Test that a ConcatDataset of WithIndex-wrapped parts (ids colliding across parts) is refused before
+    training with the fix in the text, and that WithIndex(ConcatDataset(parts)) records every example."""
+    from torch.utils.data import ConcatDataset
+
+    a, b = classification_data(16, seed=0), classification_data(8, seed=1)
+    cb = Introspect(every_n_steps=10**6, warmup_steps=0, histograms=False)
+    with pytest.raises(ValueError, match=r"Wrap the concatenation instead: `WithIndex\(ConcatDataset"):
+        _fit(tmp_path / "parts", classifier(), loader(Subset(ConcatDataset([WithIndex(a), WithIndex(b)]), range(20))),
+             cb, max_epochs=1)
+    cb = Introspect(every_n_steps=10**6, warmup_steps=0, histograms=False)
+    assert _fit(tmp_path, classifier(), loader(WithIndex(ConcatDataset([a, b]))), cb, max_epochs=2) == []
+    records, _ = read_records(tmp_path / "version_0")
+    assert records["seen_epochs"].tolist() == [2] * 24
+    np.testing.assert_array_equal(records["label"], torch.cat([a.tensors[1], b.tensors[1]]).numpy())
