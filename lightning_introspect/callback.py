@@ -189,7 +189,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     Reuse: each ``fit`` with a new Trainer starts fresh (new records, new TensorBoard points in that Trainer's
     log dir, hooks on the model being fit); it must not resolve to the log dir of this callback's previous
-    run. A second ``fit`` on the same Trainer and model continues the records, as a resume does. Fitting a
+    run, unless it resumes that run from a checkpoint (``fit(..., ckpt_path=...)``). A second ``fit`` on the same Trainer and model continues the records, as a resume does. Fitting a
     different model on the same Trainer is refused (use a new Trainer).
     """
 
@@ -264,6 +264,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._trainer: Any = None
         self._writer: Optional[AsyncWriter] = None  # the core's, read by the backward-window hooks
         self._clipping = False  # whether Lightning clips gradients after on_before_optimizer_step
+        self._dir_taken = False  # this fit would start over in the previous run's records dir (see setup)
 
     @property
     def state_key(self) -> str:
@@ -285,13 +286,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if self.name is not None:
             log_dir = log_dir / self.name
         records_dir = log_dir / "introspect"
-        if carried is None and self.records_dir is not None and records_dir.resolve() == self.records_dir.resolve():
-            raise RuntimeError(
-                f"Introspect already wrote a run to {records_dir}, and this fit with a new Trainer would start fresh "
-                "records there, over the first run's, and mix both runs' TensorBoard points. Give the new Trainer "
-                "a log dir of its own (a new logger version, or `Introspect(log_dir=...)` without a "
-                "TensorBoardLogger), or use a new Introspect."
-            )
+        # A new Trainer in the previous run's dir is refused at on_train_start, unless a checkpoint is loaded in
+        # between (`fit(ckpt_path=...)` restores the callbacks after setup): that resumes the run in its own dir.
+        same_dir = self.records_dir is not None and records_dir.resolve() == self.records_dir.resolve()
+        self._dir_taken = carried is None and same_dir and self._loaded_state is None
         self.records_dir = records_dir
         sinks: list[Any] = []
         if trainer.is_global_zero:
@@ -335,6 +333,13 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         core = self._require_core()
+        if self._dir_taken:
+            raise RuntimeError(
+                f"Introspect already wrote a run to {self.records_dir}, and this fit with a new Trainer would start "
+                "fresh records there, over the first run's, and mix both runs' TensorBoard points. Give the new "
+                "Trainer a log dir of its own (a new logger version, or `Introspect(log_dir=...)` without a "
+                "TensorBoardLogger), resume that run with `fit(..., ckpt_path=...)`, or use a new Introspect."
+            )
         self._clipping = _clips_gradients(trainer, pl_module)
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
@@ -586,6 +591,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             return
         if self.core is not None:
             self.core.load_state_dict(state_dict)
+            self._dir_taken = False  # a checkpoint restored after setup: this fit resumes that run
         else:
             self._loaded_state = dict(state_dict)
 

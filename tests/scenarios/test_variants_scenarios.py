@@ -591,3 +591,21 @@ def test_concat_of_with_index_parts_is_refused_and_with_index_of_concat_works(tm
     records, _ = read_records(tmp_path / "version_0")
     assert records["seen_epochs"].tolist() == [2] * 24
     np.testing.assert_array_equal(records["label"], torch.cat([a.tensors[1], b.tensors[1]]).numpy())
+
+
+def test_reused_callback_resumes_from_a_checkpoint_in_the_first_runs_dir(tmp_path: Path) -> None:
+    """Test that a notebook resume (the same callback, a new Trainer in the first run's log dir, fit with
+    ckpt_path) continues the run: every example counted in all 3 epochs, points continue without repeats."""
+    cb = Introspect(every_n_steps=2, warmup_steps=0, histograms=False)
+    data = loader(WithIndex(classification_data(32)))
+    tr = trainer("lightning.pytorch", tmp_path, callbacks=[cb], max_epochs=2)
+    model = classifier()
+    tr.fit(model, data)
+    tr.save_checkpoint(tmp_path / "epoch2.ckpt")
+    tr = trainer("lightning.pytorch", tmp_path, callbacks=[cb], max_epochs=3)
+    tr.fit(classifier(), data, ckpt_path=str(tmp_path / "epoch2.ckpt"), weights_only=False)
+    records, _ = read_records(tmp_path / "version_0")
+    assert records["seen_epochs"].tolist() == [3] * 32
+    events = read_events(tmp_path / "version_0")
+    assert events.steps("grad_norm/global") == list(range(0, 12, 2))
+    assert events.steps("samples/learned_fraction") == [4, 8, 12]
