@@ -95,7 +95,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``saturated_count/{layer}``,      sampled     number of such units; how many windows the longest-
     ``saturated_windows/{layer}``                 saturated unit has stayed saturated
     ``grad_norm/global``              sampled     L2 norm of all gradients (after AMP unscaling, before
-                                                  gradient clipping)
+                                                  gradient clipping; under manual optimization as
+                                                  ``opt.step()`` runs: after any clipping done before it)
     ``grad_norm/global_clipped``      sampled     the same after clipping: the norm the optimizer step
                                                   used (only when ``gradient_clip_val`` is set or the
                                                   module overrides ``configure_gradient_clipping``; not on

@@ -609,3 +609,42 @@ def test_reused_callback_resumes_from_a_checkpoint_in_the_first_runs_dir(tmp_pat
     events = read_events(tmp_path / "version_0")
     assert events.steps("grad_norm/global") == list(range(0, 12, 2))
     assert events.steps("samples/learned_fraction") == [4, 8, 12]
+
+
+class _ManualClip(pl.LightningModule):  # type: ignore[misc]
+    """Manual optimization that clips with ``self.clip_gradients`` before ``opt.step()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp()
+        self.automatic_optimization = False
+        self.norms: dict[int, tuple[float, float]] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self.net(batch[0]), batch[1]) * 10)
+        before = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in self.parameters()])).item()
+        self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+        after = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in self.parameters()])).item()
+        self.norms[self.global_step] = (before, after)
+        opt.step()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_manual_optimization_logs_the_norm_as_the_step_runs(tmp_path: Path) -> None:
+    """Test the documented rule under manual optimization: grad_norm/global is read as opt.step() runs, so it
+    is the norm after the step's own clip_gradients, and no grad_norm/global_clipped is written."""
+    model = _ManualClip()
+    cb = Introspect(every_n_steps=1, warmup_steps=0, histograms=False)
+    _fit(tmp_path, model, loader(classification_data(24)), cb, max_epochs=1)
+    events = read_events(tmp_path / "version_0")
+    assert events.steps("grad_norm/global") == [0, 1, 2]
+    assert "grad_norm/global_clipped" not in events.scalars
+    for step, value in events.scalars["grad_norm/global"]:
+        before, after = model.norms[step]
+        assert after < before
+        assert value == pytest.approx(after, rel=1e-5)
