@@ -111,8 +111,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``samples/loss``                  epoch end   histogram of per-example mean loss this epoch
     ``samples/margin``                epoch end   histogram of per-example margin
     ``samples/confidence``            epoch end   histogram of given-label probability
-    ``samples/learned_fraction``      epoch end   share of examples classified correctly this epoch
-    ``samples/forgotten_fraction``    epoch end   share forgotten this epoch (correct before, now wrong)
+    ``samples/learned_fraction``      epoch end   share of the examples seen so far that were classified
+                                                  correctly in the latest epoch that saw them
+    ``samples/forgotten_fraction``    epoch end   share of them forgotten this epoch (correct when last
+                                                  seen before, now wrong)
     ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled
     ``samples/data_map``              epoch end   image: confidence vs. variability, coloured by correctness
     ``samples/suspects``              epoch end   text: table of the current top suspects, with the label
