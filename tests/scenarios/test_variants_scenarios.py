@@ -437,7 +437,8 @@ def test_clipping_with_accumulation_logs_both_norms(tmp_path: Path, algorithm: s
     assert ours == []
     events = read_events(tmp_path / "version_0")
     assert events.steps("grad_norm/global") == events.steps("grad_norm/global_clipped") == list(range(3))
-    for (step, before), (_, after) in zip(events.scalars["grad_norm/global"], events.scalars["grad_norm/global_clipped"]):
+    pairs = zip(events.scalars["grad_norm/global"], events.scalars["grad_norm/global_clipped"])
+    for (step, before), (_, after) in pairs:
         grads = model.grads[step]
         norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
         if algorithm == "norm":
@@ -563,7 +564,8 @@ def test_transformer_layer_with_an_unused_head_names_only_that_head(tmp_path: Pa
     """Test that a TransformerEncoderLayer's attention gets statistics on every sampled step, and the one
     warning after the first epoch names the unused head only (not out_proj, not the used layers)."""
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randint(0, 10, (24, 5), generator=g), torch.randint(0, 3, (24,), generator=g))
+    tokens, labels = torch.randint(0, 10, (24, 5), generator=g), torch.randint(0, 3, (24,), generator=g)
+    data = torch.utils.data.TensorDataset(tokens, labels)
     cb = Introspect(every_n_steps=2, warmup_steps=0, histograms=False)
     ours = _fit(tmp_path, _TwoHeads(), loader(data), cb, max_epochs=3)
     uncalled = [w for w in ours if "never called" in w or "no statistics" in w]
