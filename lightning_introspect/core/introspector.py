@@ -269,6 +269,7 @@ class Introspector:
         self.epochs_done = 0
         self._pending: Optional[int] = None
         self._step_handles: list[Any] = []
+        self._stance_warned = False  # the warning of a torch without set_stance was given (see _run_eager)
         self._eager_stance: Any = None  # the `force_eager` stance of the sampled step in progress (see _run_eager)
         self._loss_bad: Optional[Tensor] = None
         self._diagnose = 0
@@ -385,9 +386,30 @@ class Introspector:
         traced on an unsampled step (a new batch size or sequence length) would run hook-less on every later
         sampled step; and one traced with the hooks would break at each of them. Compiled code then recompiles
         for nothing Introspect does, and unsampled steps keep the user's graphs."""
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        if set_stance is None:
+            self._no_stance_warning()
+            return
         if torch.compiler.is_compiling():  # the step itself is being traced: a stance cannot be set there
             return
-        self._eager_stance = torch.compiler.set_stance("force_eager")
+        self._eager_stance = set_stance("force_eager")
+
+    def _no_stance_warning(self) -> None:
+        """Once, on a torch without ``set_stance``, after Dynamo has compiled a frame: the statistics that may
+        be missing under ``torch.compile``. Host-side counters only."""
+        if self._stance_warned:
+            return
+        counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
+        if not counters or not counters.get("frames", {}).get("ok"):
+            return
+        self._stance_warned = True
+        self.writer.alert(
+            f"lightning_introspect: torch {torch.__version__} has no `torch.compiler.set_stance`, so sampled steps "
+            "cannot run `torch.compile`d code eagerly: a graph compiled on an unsampled step (a new batch size or "
+            "sequence length) may run later sampled steps without the hooks, and its layers then get no activation or "
+            "dead-unit statistics on them (gradient norms are unaffected). Use torch>=2.6 with torch.compile.",
+            RuntimeWarning, key="no set_stance",
+        )
 
     def own_time(self) -> "_OwnTime":
         """``with core.own_time(): ...`` counts the time inside as the tool's own (``overhead_seconds``, and

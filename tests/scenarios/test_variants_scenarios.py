@@ -650,3 +650,27 @@ def test_manual_optimization_logs_the_norm_as_the_step_runs(tmp_path: Path) -> N
         before, after = model.norms[step]
         assert after < before
         assert value == pytest.approx(after, rel=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_torch_without_set_stance_trains_and_says_what_compile_loses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    """Test that on a torch without torch.compiler.set_stance (before 2.6; the package asks for torch>=2.1)
+    sampled steps run, an eager run gets every statistic and no warning, and a compiled run is warned once
+    that compiled layers may miss statistics."""
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    torch._dynamo.reset()
+    try:
+        cb = Introspect(every_n_steps=2, warmup_steps=0, histograms=False)
+        model = _CompiledInside() if compiled else classifier()
+        ours = _fit(tmp_path, model, loader(WithIndex(classification_data(32))), cb, max_epochs=1)
+    finally:
+        torch._dynamo.reset()
+    events = read_events(tmp_path / "version_0")
+    assert events.steps("grad_norm/global") == [0, 2]
+    if compiled:
+        assert len(ours) == 1 and "has no `torch.compiler.set_stance`" in ours[0]
+    else:
+        assert ours == []
+        assert events.steps("activation_mean/net.0") == [0, 2]
