@@ -674,3 +674,22 @@ def test_a_torch_without_set_stance_trains_and_says_what_compile_loses(
     else:
         assert ours == []
         assert events.steps("activation_mean/net.0") == [0, 2]
+
+
+@pytest.mark.parametrize("batch", [32, 16])
+def test_history_holds_every_epoch_with_every_example(tmp_path: Path, batch: int) -> None:
+    """Test that history=True writes one file per epoch, each with every example seen in it, for epochs of
+    16 and 32 steps (the per-example buffer's size and twice it)."""
+    from lightning_introspect.records import read_epoch_history
+
+    n = 512
+    cb = Introspect(every_n_steps=10**6, warmup_steps=0, histograms=False, history=True)
+    ours = _fit(tmp_path, classifier(return_logits=False), loader(WithIndex(classification_data(n)), batch_size=batch),
+                cb, max_epochs=4)
+    assert ours == []
+    history = read_epoch_history(tmp_path / "version_0")
+    assert [epoch for epoch, _ in history] == [0, 1, 2, 3]
+    for epoch, means in history:
+        assert np.isfinite(means["loss"]).sum() == n, epoch
+    records, _ = read_records(tmp_path / "version_0")
+    assert records["seen_epochs"].tolist() == [4] * n
