@@ -206,6 +206,12 @@ def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
     return layout
 
 
+def _compiled_frames() -> int:
+    """How many frames Dynamo has compiled in this process (a host counter; 0 when Dynamo is not loaded)."""
+    counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
+    return int(counters.get("frames", {}).get("ok", 0)) if counters else 0
+
+
 class Introspector:
     """Records per-layer statistics on sampled steps and per-example dynamics on every step.
 
@@ -270,6 +276,7 @@ class Introspector:
         self._pending: Optional[int] = None
         self._step_handles: list[Any] = []
         self._stance_warned = False  # the warning of a torch without set_stance was given (see _run_eager)
+        self._frames_before = _compiled_frames()  # Dynamo's count of frames compiled before this run
         self._eager_stance: Any = None  # the `force_eager` stance of the sampled step in progress (see _run_eager)
         self._loss_bad: Optional[Tensor] = None
         self._diagnose = 0
@@ -399,8 +406,7 @@ class Introspector:
         be missing under ``torch.compile``. Host-side counters only."""
         if self._stance_warned:
             return
-        counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
-        if not counters or not counters.get("frames", {}).get("ok"):
+        if _compiled_frames() <= self._frames_before:  # nothing compiled since this run began
             return
         self._stance_warned = True
         self.writer.alert(
