@@ -206,6 +206,25 @@ def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
     return layout
 
 
+#: [instances holding the `force_eager` stance, the stance's context object]: shared by every Introspector in
+#: the process, so that two callbacks on one Trainer, whose step ends come in the order their step starts did
+#: (not nested), leave the stance the first one found, not `force_eager` for good.
+_EAGER: list[Any] = [0, None]
+
+
+def _hold_eager(set_stance: Callable[..., Any]) -> None:
+    if _EAGER[0] == 0:
+        _EAGER[1] = set_stance("force_eager")
+    _EAGER[0] += 1
+
+
+def _release_eager() -> None:
+    _EAGER[0] -= 1
+    if _EAGER[0] == 0 and _EAGER[1] is not None:
+        stance, _EAGER[1] = _EAGER[1], None
+        stance.__exit__(None, None, None)
+
+
 def _compiled_frames() -> int:
     """How many frames Dynamo has compiled in this process (a host counter; 0 when Dynamo is not loaded)."""
     counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
@@ -277,7 +296,7 @@ class Introspector:
         self._step_handles: list[Any] = []
         self._stance_warned = False  # the warning of a torch without set_stance was given (see _run_eager)
         self._frames_before = _compiled_frames()  # Dynamo's count of frames compiled before this run
-        self._eager_stance: Any = None  # the `force_eager` stance of the sampled step in progress (see _run_eager)
+        self._eager_stance: Any = None  # True while this sampled step holds the `force_eager` stance (_run_eager)
         self._loss_bad: Optional[Tensor] = None
         self._diagnose = 0
         self._layout_written = False
@@ -367,8 +386,8 @@ class Introspector:
             if self.sampled:  # only a sampled step attaches hooks (observe_gradients returns at once otherwise)
                 self.hooks.detach()
                 if self._eager_stance is not None:
-                    stance, self._eager_stance = self._eager_stance, None
-                    stance.__exit__(None, None, None)  # back to the stance the step began with
+                    self._eager_stance = None
+                    _release_eager()  # back to the stance the step began with, once no instance holds it
                 for h in self._step_handles:
                     h.remove()
                 self._step_handles = []
@@ -399,7 +418,8 @@ class Introspector:
             return
         if torch.compiler.is_compiling():  # the step itself is being traced: a stance cannot be set there
             return
-        self._eager_stance = set_stance("force_eager")
+        _hold_eager(set_stance)
+        self._eager_stance = True
 
     def _no_stance_warning(self) -> None:
         """Once, on a torch without ``set_stance``, after Dynamo has compiled a frame: the statistics that may

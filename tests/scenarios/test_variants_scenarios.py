@@ -694,3 +694,33 @@ def test_history_holds_every_epoch_with_every_example(tmp_path: Path, batch: int
         assert np.isfinite(means["loss"]).sum() == n, epoch
     records, _ = read_records(tmp_path / "version_0")
     assert records["seen_epochs"].tolist() == [4] * n
+
+
+def _compiles_now() -> bool:
+    """Whether torch.compile compiles a fresh function now (under the `force_eager` stance it does not)."""
+    calls: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        calls.append(1)
+        return gm.forward
+
+    torch.compile(lambda t: t * 3, backend=backend)(torch.ones(2))
+    return bool(calls)
+
+
+def test_two_callbacks_sampling_the_same_steps_give_the_stance_back(tmp_path: Path) -> None:
+    """Test that two callbacks on one Trainer sampling the same steps (their step ends come in the order of
+    their step starts) leave torch.compile compiling after fit, and that both get every sampled step."""
+    torch._dynamo.reset()
+    assert _compiles_now()
+    a = Introspect(every_n_steps=2, warmup_steps=0, histograms=False, name="a")
+    b = Introspect(every_n_steps=2, warmup_steps=0, histograms=False, name="b")
+    tr = trainer("lightning.pytorch", tmp_path, callbacks=[a, b], max_epochs=1)
+    tr.fit(_CompiledInside(), loader(WithIndex(classification_data(32))))
+    try:
+        assert _compiles_now()
+    finally:
+        torch._dynamo.reset()
+    for name in ("a", "b"):
+        events = read_events(tmp_path / "version_0" / name)
+        assert events.steps("activation_mean/net.0") == events.steps("grad_norm/global") == [0, 2], name
