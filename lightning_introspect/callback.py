@@ -49,6 +49,19 @@ def _find_dataset(dataset: Any, cls: type) -> Any:
     return None
 
 
+def _with_index_in_parts(dataset: Any) -> bool:
+    """Whether a concatenation (``ConcatDataset``: ``.datasets`` and ``.cumulative_sizes``) on the ``.dataset``
+    chain holds a ``WithIndex`` inside one of its parts: each part's ids count from 0, so they collide."""
+    seen = 0
+    while dataset is not None and seen < 16:
+        parts = getattr(dataset, "datasets", None)
+        if hasattr(dataset, "cumulative_sizes") and isinstance(parts, (list, tuple)):
+            return any(_find_dataset(p, WithIndex) is not None or _with_index_in_parts(p) for p in parts)
+        dataset = getattr(dataset, "__dict__", {}).get("dataset")
+        seen += 1
+    return False
+
+
 class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     """Live introspection of training: activations, dead units, gradient norms, per-example loss dynamics.
 
@@ -82,7 +95,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``saturated_count/{layer}``,      sampled     number of such units; how many windows the longest-
     ``saturated_windows/{layer}``                 saturated unit has stayed saturated
     ``grad_norm/global``              sampled     L2 norm of all gradients (after AMP unscaling, before
-                                                  gradient clipping)
+                                                  gradient clipping; under manual optimization as
+                                                  ``opt.step()`` runs: after any clipping done before it)
     ``grad_norm/global_clipped``      sampled     the same after clipping: the norm the optimizer step
                                                   used (only when ``gradient_clip_val`` is set or the
                                                   module overrides ``configure_gradient_clipping``; not on
@@ -97,8 +111,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``samples/loss``                  epoch end   histogram of per-example mean loss this epoch
     ``samples/margin``                epoch end   histogram of per-example margin
     ``samples/confidence``            epoch end   histogram of given-label probability
-    ``samples/learned_fraction``      epoch end   share of examples classified correctly this epoch
-    ``samples/forgotten_fraction``    epoch end   share forgotten this epoch (correct before, now wrong)
+    ``samples/learned_fraction``      epoch end   share of the examples seen so far that were classified
+                                                  correctly in the latest epoch that saw them
+    ``samples/forgotten_fraction``    epoch end   share of them forgotten this epoch (correct when last
+                                                  seen before, now wrong)
     ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled
     ``samples/data_map``              epoch end   image: confidence vs. variability, coloured by correctness
     ``samples/suspects``              epoch end   text: table of the current top suspects, with the label
@@ -176,7 +192,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     Reuse: each ``fit`` with a new Trainer starts fresh (new records, new TensorBoard points in that Trainer's
     log dir, hooks on the model being fit); it must not resolve to the log dir of this callback's previous
-    run. A second ``fit`` on the same Trainer and model continues the records, as a resume does. Fitting a
+    run, unless it resumes that run from a checkpoint (``fit(..., ckpt_path=...)``). A second ``fit`` on the same Trainer and model continues the records, as a resume does. Fitting a
     different model on the same Trainer is refused (use a new Trainer).
     """
 
@@ -251,6 +267,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._trainer: Any = None
         self._writer: Optional[AsyncWriter] = None  # the core's, read by the backward-window hooks
         self._clipping = False  # whether Lightning clips gradients after on_before_optimizer_step
+        self._dir_taken = False  # this fit would start over in the previous run's records dir (see setup)
 
     @property
     def state_key(self) -> str:
@@ -272,13 +289,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if self.name is not None:
             log_dir = log_dir / self.name
         records_dir = log_dir / "introspect"
-        if carried is None and self.records_dir is not None and records_dir.resolve() == self.records_dir.resolve():
-            raise RuntimeError(
-                f"Introspect already wrote a run to {records_dir}, and this fit with a new Trainer would start fresh "
-                "records there, over the first run's, and mix both runs' TensorBoard points. Give the new Trainer "
-                "a log dir of its own (a new logger version, or `Introspect(log_dir=...)` without a "
-                "TensorBoardLogger), or use a new Introspect."
-            )
+        # A new Trainer in the previous run's dir is refused at on_train_start, unless a checkpoint is loaded in
+        # between (`fit(ckpt_path=...)` restores the callbacks after setup): that resumes the run in its own dir.
+        same_dir = self.records_dir is not None and records_dir.resolve() == self.records_dir.resolve()
+        self._dir_taken = carried is None and same_dir and self._loaded_state is None
         self.records_dir = records_dir
         sinks: list[Any] = []
         if trainer.is_global_zero:
@@ -322,6 +336,13 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         core = self._require_core()
+        if self._dir_taken:
+            raise RuntimeError(
+                f"Introspect already wrote a run to {self.records_dir}, and this fit with a new Trainer would start "
+                "fresh records there, over the first run's, and mix both runs' TensorBoard points. Give the new "
+                "Trainer a log dir of its own (a new logger version, or `Introspect(log_dir=...)` without a "
+                "TensorBoardLogger), resume that run with `fit(..., ckpt_path=...)`, or use a new Introspect."
+            )
         self._clipping = _clips_gradients(trainer, pl_module)
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
@@ -334,6 +355,13 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if ts is not None:
             self.threshold_ids = core.threshold_ids = ts.threshold_ids
         cfg = self.config
+        auto_ids = self.ids_key == "auto"
+        if cfg.sample_dynamics is not False and wrapped is None and auto_ids and _with_index_in_parts(dataset):
+            raise ValueError(
+                "the training set concatenates datasets wrapped in `WithIndex` (a `ConcatDataset` of them): each "
+                "part's sample ids count from 0, so examples of different parts would share ids. Wrap the "
+                "concatenation instead: `WithIndex(ConcatDataset([a, b]))`, or pass `ids=` to ids of your own."
+            )
         if cfg.sample_dynamics is False:
             self._dynamics = False
         elif self.ids_key != "auto" and self.ids_key is not None:
@@ -566,6 +594,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             return
         if self.core is not None:
             self.core.load_state_dict(state_dict)
+            self._dir_taken = False  # a checkpoint restored after setup: this fit resumes that run
         else:
             self._loaded_state = dict(state_dict)
 

@@ -206,6 +206,31 @@ def tensorboard_layout(config: IntrospectConfig) -> dict[str, dict[str, list]]:
     return layout
 
 
+#: [instances holding the `force_eager` stance, the stance's context object]: shared by every Introspector in
+#: the process, so that two callbacks on one Trainer, whose step ends come in the order their step starts did
+#: (not nested), leave the stance the first one found, not `force_eager` for good.
+_EAGER: list[Any] = [0, None]
+
+
+def _hold_eager(set_stance: Callable[..., Any]) -> None:
+    if _EAGER[0] == 0:
+        _EAGER[1] = set_stance("force_eager")
+    _EAGER[0] += 1
+
+
+def _release_eager() -> None:
+    _EAGER[0] -= 1
+    if _EAGER[0] == 0 and _EAGER[1] is not None:
+        stance, _EAGER[1] = _EAGER[1], None
+        stance.__exit__(None, None, None)
+
+
+def _compiled_frames() -> int:
+    """How many frames Dynamo has compiled in this process (a host counter; 0 when Dynamo is not loaded)."""
+    counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
+    return int(counters.get("frames", {}).get("ok", 0)) if counters else 0
+
+
 class Introspector:
     """Records per-layer statistics on sampled steps and per-example dynamics on every step.
 
@@ -269,7 +294,9 @@ class Introspector:
         self.epochs_done = 0
         self._pending: Optional[int] = None
         self._step_handles: list[Any] = []
-        self._eager_stance: Any = None  # the `force_eager` stance of the sampled step in progress (see _run_eager)
+        self._stance_warned = False  # the warning of a torch without set_stance was given (see _run_eager)
+        self._frames_before = _compiled_frames()  # Dynamo's count of frames compiled before this run
+        self._eager_stance: Any = None  # True while this sampled step holds the `force_eager` stance (_run_eager)
         self._loss_bad: Optional[Tensor] = None
         self._diagnose = 0
         self._layout_written = False
@@ -359,8 +386,8 @@ class Introspector:
             if self.sampled:  # only a sampled step attaches hooks (observe_gradients returns at once otherwise)
                 self.hooks.detach()
                 if self._eager_stance is not None:
-                    stance, self._eager_stance = self._eager_stance, None
-                    stance.__exit__(None, None, None)  # back to the stance the step began with
+                    self._eager_stance = None
+                    _release_eager()  # back to the stance the step began with, once no instance holds it
                 for h in self._step_handles:
                     h.remove()
                 self._step_handles = []
@@ -385,9 +412,30 @@ class Introspector:
         traced on an unsampled step (a new batch size or sequence length) would run hook-less on every later
         sampled step; and one traced with the hooks would break at each of them. Compiled code then recompiles
         for nothing Introspect does, and unsampled steps keep the user's graphs."""
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        if set_stance is None:
+            self._no_stance_warning()
+            return
         if torch.compiler.is_compiling():  # the step itself is being traced: a stance cannot be set there
             return
-        self._eager_stance = torch.compiler.set_stance("force_eager")
+        _hold_eager(set_stance)
+        self._eager_stance = True
+
+    def _no_stance_warning(self) -> None:
+        """Once, on a torch without ``set_stance``, after Dynamo has compiled a frame: the statistics that may
+        be missing under ``torch.compile``. Host-side counters only."""
+        if self._stance_warned:
+            return
+        if _compiled_frames() <= self._frames_before:  # nothing compiled since this run began
+            return
+        self._stance_warned = True
+        self.writer.alert(
+            f"lightning_introspect: torch {torch.__version__} has no `torch.compiler.set_stance`, so sampled steps "
+            "cannot run `torch.compile`d code eagerly: a graph compiled on an unsampled step (a new batch size or "
+            "sequence length) may run later sampled steps without the hooks, and its layers then get no activation or "
+            "dead-unit statistics on them (gradient norms are unaffected). Use torch>=2.6 with torch.compile.",
+            RuntimeWarning, key="no set_stance",
+        )
 
     def own_time(self) -> "_OwnTime":
         """``with core.own_time(): ...`` counts the time inside as the tool's own (``overhead_seconds``, and
