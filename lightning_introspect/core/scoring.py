@@ -80,7 +80,7 @@ examples scoring strictly below it are flagged, and the threshold samples themse
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, MutableMapping, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, MutableMapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -110,6 +110,16 @@ OPTIONAL_FIELDS: dict[str, np.dtype] = {
 
 _NATURAL_ZERO: dict[str, float] = {"default": 0.5, "aum": 0.5, "correctness": 0.5}
 _THRESHOLD_PERCENTILE = 99.0
+#: Fewest epochs for the epoch count to rank by and for the automatic cut to flag (see the module docstring).
+MIN_EPOCHS = 5
+#: Least last-epoch training accuracy, on the examples the cut keeps, for the automatic cut to flag.
+MIN_FIT = 0.95
+#: Otsu separability at or above which the default's cut moves up to Otsu's threshold (two clear groups).
+SEPARATED = 0.8
+#: Dataset Cartography thresholds: std of the epoch-mean confidence at or above which an example is
+#: ambiguous, and mean confidence below which a not-ambiguous one is hard to learn.
+AMBIGUOUS_VARIABILITY = 0.2
+HARD_CONFIDENCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,13 @@ class Suspects:
             -1 where there was no vote (sequence or regression records, records without the field); None
             when unknown.
         num_classes: the number of classes, when known (else taken from the labels for :attr:`pred_probs`).
+        noise_rate: the estimated share of mislabeled examples among the ranked ones: the share below the
+            method's natural cut (default, ``aum``, ``correctness``), else below the cut used. It is given even
+            when the cut abstains, as a rough figure.
+        abstained: None when the automatic cut flagged; else why it flagged nothing (the run gives too little
+            evidence: too few epochs, or a model that does not fit the examples it keeps) and what to do.
+        regions: (K,) str, the Dataset Cartography region of each example (``easy``, ``ambiguous``, ``hard``)
+            or ``mislabeled`` for a flagged one; see :func:`cartography_regions`. None when unknown.
     """
 
     ids: np.ndarray
@@ -144,6 +161,14 @@ class Suspects:
     threshold: float
     suggested_labels: Optional[np.ndarray] = None
     num_classes: Optional[int] = None
+    noise_rate: float = float("nan")
+    abstained: Optional[str] = None
+    regions: Optional[np.ndarray] = None
+
+    @property
+    def flagged_share(self) -> float:
+        """Flagged / ranked examples (NaN when nothing is ranked)."""
+        return float(np.count_nonzero(self.flagged) / self.ids.size) if self.ids.size else float("nan")
 
     @property
     def flagged_ids(self) -> np.ndarray:
@@ -208,7 +233,7 @@ class Suspects:
 
     def to_pandas(self) -> "Any":
         """The table as a ``pandas.DataFrame`` indexed by sample id (``id``), most suspect first: ``score``,
-        ``flagged``, ``label``, ``suggested_label``, then every entry of :attr:`columns`.
+        ``flagged``, ``label``, ``suggested_label``, ``region``, then every entry of :attr:`columns`.
 
         Raises:
             ImportError: pandas is not installed (it is optional).
@@ -225,6 +250,8 @@ class Suspects:
                                        "label": np.asarray(self.labels)}
         if self.suggested_labels is not None:
             data["suggested_label"] = np.asarray(self.suggested_labels)
+        if self.regions is not None:
+            data["region"] = np.asarray(self.regions)
         data.update({name: np.asarray(col) for name, col in self.columns.items() if name not in data})
         return pd.DataFrame(data, index=pd.Index(np.asarray(self.ids), name="id"))
 
@@ -436,9 +463,15 @@ def _compute_scores(records: Mapping[str, np.ndarray], method: str) -> np.ndarra
     seen = records["seen_epochs"] > 0
     n = np.maximum(records["seen_epochs"].astype(np.float64), 1.0)
     with np.errstate(over="ignore", invalid="ignore"):
-        if method in ("default", "aum"):
-            # sigmoid via tanh: no overflow for large |AUM|.
-            score = 0.5 * (1.0 + np.tanh(0.5 * records["margin_sum"].astype(np.float64) / n))
+        # sigmoid via tanh: no overflow for large |AUM|.
+        aum = 0.5 * (1.0 + np.tanh(0.5 * records["margin_sum"].astype(np.float64) / n))
+        epochs = int(records["seen_epochs"].max(initial=0))
+        if method == "default" and epochs >= MIN_EPOCHS:
+            # Epochs in which the given label won, ties broken by AUM (which lies in [0, 1], so it never
+            # outweighs one epoch): robust to memorisation, which inflates a late-learned example's AUM.
+            score = (records["correct_epochs"].astype(np.float64) + aum) / (n + 1.0)
+        elif method in ("default", "aum"):
+            score = aum
         elif method == "loss":
             score = np.exp(-np.maximum(records["loss_sum"].astype(np.float64) / n, 0.0))
         elif method == "confidence":
@@ -509,6 +542,7 @@ def find_label_issues(
     cut: Union[Literal["auto"], float, int] = "auto",
     threshold_ids: Optional[Sequence[int]] = None,
     num_classes: Optional[int] = None,
+    describe: Optional[Callable[[int], str]] = None,
 ) -> Suspects:
     """Rank seen examples most suspect first and flag them with an automatic cut (no noise rate needed).
 
@@ -522,6 +556,8 @@ def find_label_issues(
             those ids are left out of the ranking; ``cut`` must then stay ``"auto"``.
         num_classes: the number of classes, kept in the result for :attr:`Suspects.pred_probs` and
             :meth:`Suspects.class_view` (default: the largest label or suggested label plus one).
+        describe: ``describe(sample_id) -> str``, e.g. the text of the example; its result is the column
+            ``text`` of the table (CSV, TensorBoard suspects text).
 
     Returns:
         The ranked :class:`Suspects`; ties keep ascending id order.
@@ -555,7 +591,10 @@ def find_label_issues(
         isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1
     ):
         raise ValueError(f"`num_classes` must be a positive int or None, got {num_classes!r}.")
-    return _compute_label_issues(records, method, cut, threshold_ids, None if num_classes is None else int(num_classes))
+    if describe is not None and not callable(describe):
+        raise ValueError(f"`describe` must be a callable `describe(sample_id) -> str` or None, got {describe!r}.")
+    return _compute_label_issues(records, method, cut, threshold_ids, None if num_classes is None else int(num_classes),
+                                 describe)
 
 
 def _compute_label_issues(
@@ -564,6 +603,7 @@ def _compute_label_issues(
     cut: Union[str, float, int],
     threshold_ids: Optional[np.ndarray],
     num_classes: Optional[int] = None,
+    describe: Optional[Callable[[int], str]] = None,
 ) -> Suspects:
     scores = _compute_scores(records, method)
     rankable = records["seen_epochs"] > 0
@@ -579,6 +619,8 @@ def _compute_label_issues(
         flagged = ranked < threshold
     elif isinstance(cut, str):  # "auto"
         threshold = _NATURAL_ZERO[method] if method in _NATURAL_ZERO else otsu_threshold(ranked)
+        if method == "default":
+            threshold = _default_threshold(ranked)
         flagged = ranked < threshold
     elif isinstance(cut, (int, np.integer)):
         k = min(int(cut), ids.size)
@@ -588,9 +630,20 @@ def _compute_label_issues(
         threshold = float(cut)
         flagged = ranked < threshold
 
+    noise_rate = float(np.mean(ranked < _NATURAL_ZERO.get(method, threshold))) if ranked.size else float("nan")
+    abstained = None
+    if threshold_ids is None and isinstance(cut, str):  # the automatic cut needs a run that fits the data
+        abstained = _evidence_problem(records, ids, flagged)
+        if abstained is not None:
+            flagged = np.zeros(ids.shape, dtype=bool)
     columns = {name: values[ids] for name, values in _compute_columns(records).items()}
+    if describe is not None:
+        columns["text"] = np.array([str(describe(int(i))) for i in ids], dtype=object)
     suggested = (records["suggested_label"][ids].astype(np.int64) if "suggested_label" in records
                  else np.full(ids.shape, -1, np.int64))
+    regions = cartography_regions(columns["confidence_mean"], columns["variability"])
+    if abstained is None:
+        regions[flagged] = "mislabeled"
     return Suspects(
         ids=ids,
         scores=ranked,
@@ -601,7 +654,80 @@ def _compute_label_issues(
         threshold=float(threshold),
         suggested_labels=suggested,
         num_classes=num_classes,
+        noise_rate=noise_rate,
+        abstained=abstained,
+        regions=regions,
     )
+
+
+def _default_threshold(scores: np.ndarray) -> float:
+    """The default's cut: Otsu's threshold when the scores split into two clear groups (separability
+    ``SEPARATED``), but never below the natural zero 0.5; else the natural zero. Otsu alone always splits in two,
+    so on clean data it would flag the hardest examples; the natural zero alone misses a mislabeled example that
+    the network memorised in the first half of the run."""
+    threshold = _NATURAL_ZERO["default"]
+    otsu = otsu_threshold(scores)
+    if np.isfinite(otsu) and otsu_separability(scores, otsu) >= SEPARATED:
+        threshold = max(threshold, otsu)
+    return float(threshold)
+
+
+def otsu_separability(scores: np.ndarray, threshold: float) -> float:
+    """Otsu's separability of a two-group split: between-group variance over total variance, in [0, 1].
+
+    Example:
+        >>> round(otsu_separability(np.array([0.0, 0.0, 1.0, 1.0]), 0.5), 3)
+        1.0
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    low = scores < threshold
+    total = float(scores.var()) if scores.size else 0.0
+    if total == 0.0 or low.all() or not low.any():
+        return 0.0
+    w = float(low.mean())
+    return float(w * (1.0 - w) * (scores[low].mean() - scores[~low].mean()) ** 2 / total)
+
+
+def _evidence_problem(records: Mapping[str, np.ndarray], ids: np.ndarray, flagged: np.ndarray) -> Optional[str]:
+    """Why the run gives too little evidence for the automatic cut (and what to do), or None.
+
+    An example the model has not learned yet looks like a mislabeled one until the model fits the data, so the
+    cut flags only after ``MIN_EPOCHS`` epochs and once the last epoch's training accuracy on the examples it
+    keeps reaches ``MIN_FIT``.
+    """
+    if ids.size == 0:
+        return None
+    epochs = int(records["seen_epochs"][ids].max())
+    if epochs < MIN_EPOCHS:
+        return (f"the run has {epochs} epoch{'s' if epochs != 1 else ''}; the automatic cut needs at least "
+                f"{MIN_EPOCHS} (and a model that fits the data) to tell an example not learned yet from a "
+                f"mislabeled one. Train longer, or use the ranking with an explicit `cut=`.")
+    kept = ids[~flagged]
+    if kept.size == 0:
+        return None
+    accuracy = float(np.mean(records["last_correct"][kept] == 1))
+    if accuracy < MIN_FIT:
+        return (f"in the last epoch the model was right on {accuracy:.1%} of the {kept.size} examples the cut "
+                f"keeps; the automatic cut needs at least {MIN_FIT:.0%} (a model that fits the data) to tell an "
+                f"example not learned yet from a mislabeled one. Train longer or with a larger model, or use "
+                f"the ranking with an explicit `cut=`.")
+    return None
+
+
+def cartography_regions(confidence_mean: np.ndarray, variability: np.ndarray) -> np.ndarray:
+    """Dataset Cartography regions (Swayamdipta et al. 2020) from the mean and the std across epochs of the
+    given-label probability: ``ambiguous`` when the probability swings (variability >= ``AMBIGUOUS_VARIABILITY``),
+    else ``easy`` when it is high (confidence >= ``HARD_CONFIDENCE``) and ``hard`` when it stays low.
+
+    Example:
+        >>> cartography_regions(np.array([0.95, 0.5, 0.1]), np.array([0.02, 0.3, 0.05])).tolist()
+        ['easy', 'ambiguous', 'hard']
+    """
+    confidence_mean = np.nan_to_num(np.asarray(confidence_mean, dtype=np.float64))
+    variability = np.nan_to_num(np.asarray(variability, dtype=np.float64))
+    regions = np.where(confidence_mean >= HARD_CONFIDENCE, "easy", "hard").astype(object)
+    regions[variability >= AMBIGUOUS_VARIABILITY] = "ambiguous"
+    return regions
 
 
 # ------------------------------------------------------------------------------------------- validation

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from lightning_introspect.core.scoring import (
     FIELDS,
     METHODS,
+    MIN_EPOCHS,
     find_label_issues,
     fold_epoch,
     init_records,
@@ -204,11 +205,16 @@ def test_suspects_carry_export_columns() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ cuts
-def _flat_records(scores_margin: list[float]) -> dict[str, np.ndarray]:
+def _flat_records(scores_margin: list[float], epochs: int = 1) -> dict[str, np.ndarray]:
+    """Records whose mean margin is ``scores_margin`` over ``epochs`` epochs; an example with a margin >= 0
+    was right in every epoch (so with ``epochs >= MIN_EPOCHS`` the run fits what the cut keeps)."""
     r = init_records(len(scores_margin))
-    r["seen_epochs"][:] = 1
+    r["seen_epochs"][:] = epochs
     r["label"][:] = 0
-    r["margin_sum"][:] = scores_margin
+    r["margin_sum"][:] = np.asarray(scores_margin) * epochs
+    right = np.asarray(scores_margin) >= 0
+    r["correct_epochs"][:] = right * epochs
+    r["last_correct"][:] = right
     return r
 
 
@@ -221,7 +227,8 @@ def test_ties_keep_id_order() -> None:
 @pytest.mark.parametrize(("cut", "expected_flagged"), [(0, 0), (2, 2), (10, 5), (0.3, 2), (0.6, 3), ("auto", 2)])
 def test_cut_variants(cut: object, expected_flagged: int) -> None:
     """Test that int cuts flag the top k (clipped to K), float cuts flag scores below, auto flags AUM < 0."""
-    s = find_label_issues(_flat_records([1.0, -1.0, 2.0, -3.0, 0.0]), cut=cut)  # type: ignore[arg-type]
+    s = find_label_issues(_flat_records([1.0, -1.0, 2.0, -3.0, 0.0], epochs=MIN_EPOCHS), method="aum",
+                          cut=cut)  # type: ignore[arg-type]
     assert s.flagged.sum() == expected_flagged
     assert not np.any(s.flagged[1:] & ~s.flagged[:-1])  # a prefix of the ranking
 
@@ -236,9 +243,10 @@ def test_int_cut_reports_kth_score_and_nan_for_zero() -> None:
 def test_auto_cut_uses_otsu_for_loss() -> None:
     """Test that the loss scorer's automatic cut splits two loss clusters with Otsu's threshold."""
     r = init_records(6)
-    r["seen_epochs"][:] = 1
+    r["seen_epochs"][:] = MIN_EPOCHS
     r["label"][:] = 0
-    r["loss_sum"][:] = [3.0, 0.05, 2.5, 0.1, 0.02, 0.08]
+    r["loss_sum"][:] = np.array([3.0, 0.05, 2.5, 0.1, 0.02, 0.08]) * MIN_EPOCHS
+    r["last_correct"][:] = [0, 1, 0, 1, 1, 1]
     s = find_label_issues(r, method="loss")
     np.testing.assert_array_equal(s.flagged_ids, [0, 2])
     assert s.threshold == pytest.approx(otsu_threshold(s.scores))
@@ -609,7 +617,7 @@ def test_pred_probs_refuse_records_without_class_labels() -> None:
 
 def test_class_view_counts_flagged_examples_by_given_and_suggested_label() -> None:
     """Test the noise matrix, the top pairs and the flagged share per class against hand counts."""
-    s = find_label_issues(_voted_records(), num_classes=3)
+    s = find_label_issues(_voted_records(), num_classes=3, cut=0.5)
     assert s.flagged_ids.tolist() == [1, 0, 3]  # AUM < 0
     view = s.class_view()
     expected = np.zeros((3, 3), int)
