@@ -662,12 +662,14 @@ def _compute_label_issues(
 
 def _default_threshold(scores: np.ndarray) -> float:
     """The default's cut: Otsu's threshold when the scores split into two clear groups (separability
-    ``SEPARATED``), but never below the natural zero 0.5; else the natural zero. Otsu alone always splits in two,
-    so on clean data it would flag the hardest examples; the natural zero alone misses a mislabeled example that
-    the network memorised in the first half of the run."""
+    ``SEPARATED``) of which the lower one, on average, lost (mean score below the natural zero 0.5), but never
+    below 0.5; else the natural zero. Otsu alone always splits in two, so on clean data it would flag the hardest
+    examples (or those a fast learner got wrong in the first epoch only); the natural zero alone misses a
+    mislabeled example that the network memorised in the first half of the run."""
     threshold = _NATURAL_ZERO["default"]
     otsu = otsu_threshold(scores)
-    if np.isfinite(otsu) and otsu_separability(scores, otsu) >= SEPARATED:
+    if (np.isfinite(otsu) and otsu_separability(scores, otsu) >= SEPARATED
+            and float(scores[scores < otsu].mean()) < threshold):
         threshold = max(threshold, otsu)
     return float(threshold)
 
