@@ -422,9 +422,8 @@ def _report(args: argparse.Namespace, stdout: TextIO) -> int:
          + (f", {len(threshold_ids)} threshold samples" if threshold_ids is not None else "")),
         ("flagged", f"{num_flagged:,} of {num_seen:,} seen{share}"
          + ("" if suspects.abstained is None else " (the cut abstained, see the warning below)")),
-        ("est. noise", "-" if not np.isfinite(suspects.noise_rate) else
-         f"{suspects.noise_rate:.1%} of seen examples below the method's natural cut"
-         + (" (rough: the run gives too little evidence)" if suspects.abstained is not None else "")),
+        ("est. noise", "- (too little evidence)" if not np.isfinite(suspects.noise_rate) else
+         f"{suspects.noise_rate:.1%} of seen examples below the method's natural cut"),
     ]
     width = max(len(key) for key, _ in summary) + 1
     for key, value in summary:

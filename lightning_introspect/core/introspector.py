@@ -1458,8 +1458,8 @@ def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoc
     text_head, text_rule = (" text |", ":---|") if describe is not None else ("", "")
     n_flag = int(np.sum(suspects.flagged))
     share = f"{n_flag / len(suspects.ids):.1%}" if len(suspects.ids) else "-"
-    summary = (f" Flagged share {share}; estimated noise rate {suspects.noise_rate:.1%}."
-               if np.isfinite(suspects.noise_rate) else "")
+    rate = f"{suspects.noise_rate:.1%}" if np.isfinite(suspects.noise_rate) else "- (too little evidence)"
+    summary = f" Flagged share {share}; estimated noise rate {rate}." if len(suspects.ids) else ""
     if suspects.abstained is not None:
         summary += f" The automatic cut flags nothing: {suspects.abstained}"
     if len(suspects.ids) and (np.asarray(suspects.labels) < 0).all():  # no class labels: sequence (N, T, C) data

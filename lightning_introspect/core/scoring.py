@@ -144,8 +144,8 @@ class Suspects:
             when unknown.
         num_classes: the number of classes, when known (else taken from the labels for :attr:`pred_probs`).
         noise_rate: the estimated share of mislabeled examples among the ranked ones: the share below the
-            method's natural cut (default, ``aum``, ``correctness``), else below the cut used. It is given even
-            when the cut abstains, as a rough figure.
+            method's natural cut (default, ``aum``, ``correctness``), else below the cut used; NaN when the
+            automatic cut abstains (the run gives too little evidence for an estimate).
         abstained: None when the automatic cut flagged; else why it flagged nothing (the run gives too little
             evidence: too few epochs, or a model that does not fit the examples it keeps) and what to do.
         regions: (K,) str, the Dataset Cartography region of each example (``easy``, ``ambiguous``, ``hard``)
@@ -634,8 +634,9 @@ def _compute_label_issues(
     abstained = None
     if threshold_ids is None and isinstance(cut, str):  # the automatic cut needs a run that fits the data
         abstained = _evidence_problem(records, ids, flagged)
-        if abstained is not None:
+        if abstained is not None:  # then there is no estimate either: the same evidence is lacking
             flagged = np.zeros(ids.shape, dtype=bool)
+            noise_rate = float("nan")
     columns = {name: values[ids] for name, values in _compute_columns(records).items()}
     if describe is not None:
         columns["text"] = np.array([str(describe(int(i))) for i in ids], dtype=object)
@@ -694,8 +695,8 @@ def _evidence_problem(records: Mapping[str, np.ndarray], ids: np.ndarray, flagge
     """Why the run gives too little evidence for the automatic cut (and what to do), or None.
 
     An example the model has not learned yet looks like a mislabeled one until the model fits the data, so the
-    cut flags only after ``MIN_EPOCHS`` epochs and once the last epoch's training accuracy on the examples it
-    keeps reaches ``MIN_FIT``.
+    cut flags only after ``MIN_EPOCHS`` epochs, when it would flag at most half of the examples, and once the
+    last epoch's training accuracy on the examples it keeps reaches ``MIN_FIT``.
     """
     if ids.size == 0:
         return None
@@ -704,9 +705,13 @@ def _evidence_problem(records: Mapping[str, np.ndarray], ids: np.ndarray, flagge
         return (f"the run has {epochs} epoch{'s' if epochs != 1 else ''}; the automatic cut needs at least "
                 f"{MIN_EPOCHS} (and a model that fits the data) to tell an example not learned yet from a "
                 f"mislabeled one. Train longer, or use the ranking with an explicit `cut=`.")
+    share = float(np.mean(flagged))
+    if share > 0.5:
+        return (f"the cut would flag {share:.1%} of the examples; when most examples are not learned the model "
+                f"has not learned the task yet (or the labels are not classes, e.g. next-token targets), so this "
+                f"is no evidence of wrong labels. Train longer or with a larger model, or use the ranking with an "
+                f"explicit `cut=`.")
     kept = ids[~flagged]
-    if kept.size == 0:
-        return None
     accuracy = float(np.mean(records["last_correct"][kept] == 1))
     if accuracy < MIN_FIT:
         return (f"in the last epoch the model was right on {accuracy:.1%} of the {kept.size} examples the cut "
