@@ -99,10 +99,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``samples/confidence``            epoch end   histogram of given-label probability
     ``samples/learned_fraction``      epoch end   share of examples classified correctly this epoch
     ``samples/forgotten_fraction``    epoch end   share forgotten this epoch (correct before, now wrong)
-    ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled
+    ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled (0 while
+                                                  the cut abstains)
     ``samples/data_map``              epoch end   image: confidence vs. variability, coloured by correctness
     ``samples/suspects``              epoch end   text: table of the current top suspects, with the label
-                                                  each one's dynamics suggest
+                                                  each one's dynamics suggest and its region; the flagged
+                                                  share and noise estimate, or why the cut abstains
     ``samples/confusion``             epoch end   text: flagged examples by class: the most confused
                                                   (given, suggested) pairs, flagged share per class
     ``alerts/nonfinite``              on event    text: NaN/Inf loss, first layer in forward order
