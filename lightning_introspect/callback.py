@@ -163,7 +163,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         history: also write each epoch's per-example figures to ``introspect/history/`` (disk, not RAM).
         class_names: names of the classes, for tables and reports.
         describe: ``describe(sample_id) -> str``, e.g. the text of an example: the ``text`` column of
-            ``suspects.csv`` and of the ``samples/suspects`` TensorBoard table.
+            ``suspects.csv`` and of the ``samples/suspects`` TensorBoard table (called for every ranked example
+            when the table is built, for the shown rows at each epoch end).
         log_dir: where to write when the Trainer has no TensorBoardLogger (default: the Trainer's log dir).
         forward_to_loggers: also send scalars to the Trainer's other loggers (CSV, W&B, ...).
         name: tells several ``Introspect`` callbacks on one Trainer apart (letters, digits, ``_``, ``-``,

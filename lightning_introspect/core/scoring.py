@@ -150,7 +150,7 @@ class Suspects:
             when unknown.
         num_classes: the number of classes, when known (else taken from the labels for :attr:`pred_probs`).
         noise_rate: the estimated share of mislabeled examples among the ranked ones: the share below the
-            method's natural cut (default, ``aum``, ``correctness``), else below the cut used; NaN when the
+            method's natural cut (default, ``aum``, ``correctness``), else the flagged share; NaN when the
             automatic cut abstains (the run gives too little evidence for an estimate).
         abstained: None when the automatic cut flagged; else why it flagged nothing (the run gives too little
             evidence: too few epochs, or a model that does not fit the examples it keeps) and what to do.
@@ -638,7 +638,12 @@ def _compute_label_issues(
         threshold = float(cut)
         flagged = ranked < threshold
 
-    noise_rate = float(np.mean(ranked < _NATURAL_ZERO.get(method, threshold))) if ranked.size else float("nan")
+    if not ranked.size:
+        noise_rate = float("nan")
+    elif method in _NATURAL_ZERO:
+        noise_rate = float(np.mean(ranked < _NATURAL_ZERO[method]))
+    else:
+        noise_rate = float(np.mean(flagged))
     abstained = None
     if threshold_ids is None and isinstance(cut, str):  # the automatic cut needs a run that fits the data
         abstained = _evidence_problem(records, ids, flagged)
