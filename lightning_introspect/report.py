@@ -403,7 +403,9 @@ def _report(args: argparse.Namespace, stdout: TextIO) -> int:
     if names:
         shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
         classes += f" ({shown})"
-    if not np.isfinite(suspects.threshold):
+    if suspects.abstained is not None:
+        cut_text = "auto -> abstains, flags none (see the warning below)"
+    elif not np.isfinite(suspects.threshold):
         cut_text = f"{args.cut} -> flags none"
     elif isinstance(args.cut, int):  # an int cut reports the k-th score as its threshold
         cut_text = f"top {args.cut} -> flags scores <= {suspects.threshold:.4g}"

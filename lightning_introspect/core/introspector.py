@@ -1465,8 +1465,9 @@ def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoc
     if len(suspects.ids) and (np.asarray(suspects.labels) < 0).all():  # no class labels: sequence (N, T, C) data
         lines = [
             f"**Epoch {epoch}: the {min(top, len(suspects.ids))} hardest of {len(suspects.ids)} examples** (scorer "
-            f"`{suspects.method}` over their tokens, lower = harder; {n_flag} score below {suspects.threshold:.3f}). "
-            "For sequences these are hard, atypical or noisy examples, not wrong labels." + summary,
+            f"`{suspects.method}` over their tokens, lower = harder; "
+            + (f"{n_flag} score below {suspects.threshold:.3f}). " if suspects.abstained is None else "no cut). ")
+            + "For sequences these are hard, atypical or noisy examples, not wrong labels." + summary,
             "",
             "| rank | id | score | region |" + text_head,
             "|---:|---:|---:|:---|" + text_rule,
@@ -1477,8 +1478,9 @@ def _suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoc
         return "\n".join(lines)
     lines = [
         f"**Epoch {epoch}: {n_flag} of {len(suspects.ids)} examples flagged as likely mislabeled** "
-        f"(scorer `{suspects.method}`, cut at score {suspects.threshold:.3f}; lower score = more suspect)."
-        + summary,
+        f"(scorer `{suspects.method}`, "
+        + (f"cut at score {suspects.threshold:.3f}; " if suspects.abstained is None else "")
+        + "lower score = more suspect)." + summary,
         "",
         "| rank | id | given label | suggested label | score | flagged | region |" + text_head,
         "|---:|---:|:---|:---|---:|:---:|:---|" + text_rule,

@@ -123,6 +123,7 @@ def test_a_short_run_abstains_with_a_warning_that_says_why(tmp_path: Path) -> No
     assert np.isnan(suspects.noise_rate)  # no estimate either
     text = _last_suspects_text(tmp_path)
     assert "estimated noise rate - (too little evidence). The automatic cut flags nothing: the run has 2 epochs" in text
+    assert "cut at score" not in text  # no cut was applied
     out = io.StringIO()
     from contextlib import redirect_stdout
 
@@ -130,6 +131,7 @@ def test_a_short_run_abstains_with_a_warning_that_says_why(tmp_path: Path) -> No
         assert report_main(["report", str(tmp_path / "version_0"), "--out", str(tmp_path / "report")]) == 0
     text = out.getvalue()
     assert "flagged:" in text and "0 of 240 seen (0.0%) (the cut abstained" in text
+    assert "auto -> abstains, flags none" in text and "- (too little evidence)" in text
     assert "warning: the automatic cut flags nothing: the run has 2 epochs" in text
 
 
