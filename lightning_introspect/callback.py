@@ -564,7 +564,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             from .datamap import save_data_map
             from .report import CONFUSION_MD, write_class_view, write_suspects_csv
 
-            suspects = self.mislabeled()
+            # Not self.mislabeled(): an abstaining cut warns the user who asks, not every fit's end.
+            suspects = core.mislabeled(threshold_ids=self.threshold_ids)
             write_suspects_csv(self.records_dir / "suspects.csv", suspects, class_names=self.class_names)
             if core.task == "classification":
                 write_class_view(self.records_dir / CONFUSION_MD, suspects, class_names=self.class_names)
