@@ -495,7 +495,8 @@ def run_grid(seeds: list[int], noises: tuple[str, ...] = GRID_NOISES) -> int:
                     clean_fit = fit >= 0.99
                 share, est = m(lambda c: c["share"]), m(lambda c: c["noise_est"])
                 abstained = sum(c["abstained"] for c in cells)
-                flag_text = f"{share:.1%} ({est:.1%})" + (f", abstained {abstained}/{len(cells)}" if abstained else "")
+                pct = lambda v: f"{v:.1%}" if np.isfinite(v) else "-"  # noqa: E731
+                flag_text = f"{share:.1%} ({pct(est)})" + (f", abstained {abstained}/{len(cells)}" if abstained else "")
                 misses = []
                 if noise == "clean":
                     if clean_fit and share > 0.01:
@@ -519,7 +520,7 @@ def run_grid(seeds: list[int], noises: tuple[str, ...] = GRID_NOISES) -> int:
                            f"{cl_ap:.4f}", f"{m(lambda c: c['rank']['default']['p@k']):.3f}",
                            f"{m(lambda c: c['cut']['cut_p']):.3f}", f"{m(lambda c: c['cut']['cut_r']):.3f}",
                            f"{f1:.3f}", flag_text, f"{m(lambda c: c['cl_cut']['cut_f1']):.3f}",
-                           f"{m(lambda c: c['sugg']):.1%}"]
+                           pct(m(lambda c: c["sugg"]))]
                 if noise != "clean" and not clean_fit:
                     misses.append("(model does not fit the clean labels: F1 target n/a)")
                 missed = [t for t in misses if not t.startswith("(")]
