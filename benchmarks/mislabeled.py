@@ -540,7 +540,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--arm", choices=("lightning", "plain"), default="lightning",
                         help="ours via a Trainer with Introspect (default) or the plain torch loop")
     parser.add_argument("--grid", action="store_true",
-                        help="the recipe grid (MLP/CNN, short/long, clean/symmetric/pairwise noise; plain loop, cached)")
+                        help="the recipe grid (MLP/CNN, short/long, clean/symmetric/pairwise noise; plain loop, "
+                             "cached)")
     parser.add_argument("--noises", nargs="+", default=list(GRID_NOISES),
                         help="grid noises: clean, sym<percent>, pair<percent> (e.g. sym20)")
     args = parser.parse_args(argv)

@@ -65,8 +65,8 @@ def write_suspects_csv(
     The header is ``index,score,flagged,label``, then ``label_name`` when ``class_names`` are given, then
     ``suggested_label`` (and ``suggested_label_name``) when the suspects have suggested labels (-1: none), then
     ``region`` (Dataset Cartography region, or ``mislabeled`` when flagged) when known, then every entry of
-    ``suspects.columns`` (``text`` among them when a ``describe`` hook gave it). ``index`` is the sample id; ``flagged`` is ``true``/``false``;
-    floats have 6 significant digits, NaN is written ``nan``.
+    ``suspects.columns`` (``text`` among them when a ``describe`` hook gave it). ``index`` is the sample id;
+    ``flagged`` is ``true``/``false``; floats have 6 significant digits, NaN is written ``nan``.
 
     Args:
         path: the CSV file to write; its folder is created if needed.
