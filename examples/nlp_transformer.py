@@ -148,8 +148,9 @@ def main() -> None:
         hits = np.isin(suspects.ids[:k], corrupted).sum()
         print(f"Injected noise: {k} of {len(data)} windows ({k / len(data):.1%}) have random targets; "
               f"{hits} of the {k} lowest-ranked windows are corrupted ones (precision@k {hits / k:.0%}).")
+    rate = f"{suspects.noise_rate:.1%}" if np.isfinite(suspects.noise_rate) else "- (too little evidence)"
     print(f"Flagged: {int(suspects.flagged.sum())} windows ({suspects.flagged_share:.1%}); estimated noise "
-          f"rate {suspects.noise_rate:.1%}." + ("" if suspects.abstained is None else
+          f"rate {rate}." + ("" if suspects.abstained is None else
                                                  f" The automatic cut abstains: {suspects.abstained}") + "\n")
     hardest = introspect.mislabeled(method="aum", cut=0).ids  # ranked by AUM, lowest first
     table(f"Hardest windows (lowest AUM; {np.mean(aum < 0):.0%} of all windows have AUM < 0 so far):",
