@@ -115,10 +115,12 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
                                                   correctly in the latest epoch that saw them
     ``samples/forgotten_fraction``    epoch end   share of them forgotten this epoch (correct when last
                                                   seen before, now wrong)
-    ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled
+    ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled (0 while
+                                                  the cut abstains)
     ``samples/data_map``              epoch end   image: confidence vs. variability, coloured by correctness
     ``samples/suspects``              epoch end   text: table of the current top suspects, with the label
-                                                  each one's dynamics suggest
+                                                  each one's dynamics suggest and its region; the flagged
+                                                  share and noise estimate, or why the cut abstains
     ``samples/confusion``             epoch end   text: flagged examples by class: the most confused
                                                   (given, suggested) pairs, flagged share per class
     ``alerts/nonfinite``              on event    text: NaN/Inf loss, first layer in forward order
@@ -176,6 +178,9 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             it, a token of (N, T, C) logits with it.
         history: also write each epoch's per-example figures to ``introspect/history/`` (disk, not RAM).
         class_names: names of the classes, for tables and reports.
+        describe: ``describe(sample_id) -> str``, e.g. the text of an example: the ``text`` column of
+            ``suspects.csv`` and of the ``samples/suspects`` TensorBoard table (called for every ranked example
+            when the table is built, for the shown rows at each epoch end).
         log_dir: where to write when the Trainer has no TensorBoardLogger (default: the Trainer's log dir).
         forward_to_loggers: also send scalars to the Trainer's other loggers (CSV, W&B, ...).
         name: tells several ``Introspect`` callbacks on one Trainer apart (letters, digits, ``_``, ``-``,
@@ -225,6 +230,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         log_dir: Optional[Union[str, os.PathLike]] = None,
         forward_to_loggers: bool = True,
         name: Optional[str] = None,
+        describe: Optional[Callable[[int], str]] = None,
     ) -> None:
         super().__init__()
         if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
@@ -249,6 +255,9 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self.ids_key = ids
         self.targets_key = targets
         self.class_names = list(class_names) if class_names is not None else None
+        if describe is not None and not callable(describe):
+            raise ValueError(f"`describe` must be a callable `describe(sample_id) -> str` or None, got {describe!r}.")
+        self.describe = describe
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.forward_to_loggers = forward_to_loggers
         self.core: Optional[Introspector] = None
@@ -305,6 +314,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             pl_module, self.config, sinks=sinks, records_dir=self.records_dir, on_scalars=on_scalars,
             class_names=self.class_names, is_writer=trainer.is_global_zero,
         )
+        self.core.describe = self.describe
         self._writer = self.core.writer
         if carried is not None:
             self.core.load_state_dict(carried)
@@ -566,9 +576,14 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
         Returns a :class:`~lightning_introspect.core.scoring.Suspects` (``suggested_labels``, ``pred_probs``,
         ``class_view()``, ``to_pandas()``); the same table is written to ``<log_dir>/introspect/suspects.csv``
-        and the per-class view to ``confusion.md`` after ``fit``.
+        and the per-class view to ``confusion.md`` after ``fit``. When the run gives too little evidence for the
+        automatic cut it flags nothing and warns why (``Suspects.abstained``).
         """
-        return self._require_core().mislabeled(method=method, cut=cut, threshold_ids=self.threshold_ids)
+        suspects = self._require_core().mislabeled(method=method, cut=cut, threshold_ids=self.threshold_ids)
+        if suspects.abstained is not None:
+            warnings.warn(f"lightning_introspect: the automatic cut flags no example: {suspects.abstained}",
+                          UserWarning, stacklevel=2)
+        return suspects
 
     def _write_report_files(self) -> None:
         core = self._require_core()
@@ -577,7 +592,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             from .datamap import save_data_map
             from .report import CONFUSION_MD, write_class_view, write_suspects_csv
 
-            suspects = self.mislabeled()
+            # Not self.mislabeled(): an abstaining cut warns the user who asks, not every fit's end.
+            suspects = core.mislabeled(threshold_ids=self.threshold_ids)
             write_suspects_csv(self.records_dir / "suspects.csv", suspects, class_names=self.class_names)
             if core.task == "classification":
                 write_class_view(self.records_dir / CONFUSION_MD, suspects, class_names=self.class_names)
