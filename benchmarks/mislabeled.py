@@ -5,6 +5,17 @@ Run (about 8 minutes on a 2-core CPU)::
     python benchmarks/mislabeled.py                       # noise 10/20/40 %, seeds 0 1 2
     python benchmarks/mislabeled.py --seeds 0 --rates 0.2 # one setting
     python benchmarks/mislabeled.py --arm plain           # ours from the plain-torch loop, not the Trainer
+    nice -n 15 python benchmarks/mislabeled.py --grid     # the recipe grid below (seeds 0 1 2)
+
+The grid (``--grid``): models an MLP (64 -> 256 -> 256 -> 10, ReLU) and the CNN below; lengths short (3 epochs,
+AdamW as below) and long (40 epochs, Adam lr 1e-3, which memorises noisy labels); noises none (the clean
+control), symmetric and pairwise (each class's flipped share moved to the next class, k -> k+1) at 10, 20 and
+40 %; a plain torch loop whose per-example figures are folded by ``fold_epoch`` (the numpy reference of the
+callback's store). Per-epoch figures and cleanlab's 5-fold out-of-fold probabilities are cached under
+``$TMPDIR/li_mislabeled_grid`` so that re-scoring never retrains. Per cell: the default's AP and P@k, the best
+single scorer's AP, cleanlab's AP (self-confidence), the automatic cut's precision / recall / F1, the flagged
+share and estimated noise rate (and how many seeds abstained), cleanlab's flag F1, and "sugg OK". "fits" is
+the clean control's last-epoch training accuracy >= 0.99; the F1 target applies only there.
 
 Data: ``sklearn.datasets.load_digits`` (1797 real 8x8 digits), pixels standardized with the global mean/std;
 symmetric label noise: a seeded ``rate`` share of the examples gets a label drawn uniformly from the *other*
@@ -315,13 +326,227 @@ def format_table(rate: float, results: dict[str, list[dict[str, float]]], times:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------------------ grid
+GRID_MODELS = ("mlp", "cnn")
+GRID_LENGTHS = {"short": (3, "adamw"), "long": (40, "adam")}
+GRID_NOISES = ("clean", "sym10", "sym20", "sym40", "pair10", "pair20", "pair40")
+CACHE = Path(tempfile.gettempdir()) / "li_mislabeled_grid"
+
+
+def pairwise_noise(labels: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Class-dependent noise: a seeded ``rate`` share of each class is flipped to the next class (k -> k+1)."""
+    rng = np.random.default_rng(seed)
+    noisy = labels.copy()
+    for c in range(NUM_CLASSES):
+        members = np.flatnonzero(labels == c)
+        flip = rng.choice(members, size=int(round(rate * len(members))), replace=False)
+        noisy[flip] = (c + 1) % NUM_CLASSES
+    return noisy
+
+
+def grid_labels(y_true: np.ndarray, noise: str, seed: int) -> np.ndarray:
+    if noise == "clean":
+        return y_true.copy()
+    rate = int(noise[-2:]) / 100
+    return symmetric_noise(y_true, rate, seed) if noise.startswith("sym") else pairwise_noise(y_true, rate, seed)
+
+
+def make_grid_model(kind: str) -> nn.Module:
+    """``cnn``: the module's CNN; ``mlp``: 64 -> 256 -> 256 -> 10 ReLU."""
+    if kind == "cnn":
+        return make_model()
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, NUM_CLASSES))
+
+
+def train_grid(x: np.ndarray, y: np.ndarray, seed: int, kind: str, length: str,
+               on_epoch: Optional[Callable[[int, np.ndarray, dict[str, np.ndarray]], None]] = None) -> nn.Module:
+    """One grid recipe as a plain loop; ``on_epoch(epoch, ids, figures)`` gets every example's pre-update figures."""
+    epochs, opt_name = GRID_LENGTHS[length]
+    torch.manual_seed(seed)
+    model = make_grid_model(kind)
+    opt = (torch.optim.Adam(model.parameters(), lr=LR) if opt_name == "adam"
+           else torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(y), generator=gen)
+        ids_all, figs_all = [], []
+        for start in range(0, len(y), BATCH_SIZE):
+            ids = perm[start: start + BATCH_SIZE]
+            logits = model(xt[ids])
+            if on_epoch is not None:
+                ids_all.append(ids.numpy())
+                figs_all.append(sample_figures(logits, yt[ids]))
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(logits, yt[ids]).backward()
+            opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch, np.concatenate(ids_all), {k: np.concatenate([f[k] for f in figs_all]) for k in figs_all[0]})
+    return model
+
+
+def grid_dynamics(x: np.ndarray, y: np.ndarray, seed: int, kind: str, length: str, noise: str) -> dict[str, np.ndarray]:
+    """Per-epoch figures (E, N) of one run, cached as npz so that re-scoring never retrains."""
+    path = CACHE / f"dyn_{kind}_{length}_{noise}_{seed}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    epochs = GRID_LENGTHS[length][0]
+    out = {k: np.zeros((epochs, len(y)), np.float32) for k in ("loss", "margin", "confidence", "correct", "other")}
+
+    def on_epoch(epoch: int, ids: np.ndarray, figs: dict[str, np.ndarray]) -> None:
+        for k, v in figs.items():
+            out[k][epoch, ids] = v
+
+    train_grid(x, y, seed, kind, length, on_epoch)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def records_from_dynamics(dyn: dict[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
+    records = init_records(len(y))
+    ids = np.arange(len(y))
+    for epoch in range(dyn["loss"].shape[0]):
+        fold_epoch(records, epoch, ids, y, loss=dyn["loss"][epoch], margin=dyn["margin"][epoch],
+                   confidence=dyn["confidence"][epoch], correct=dyn["correct"][epoch],
+                   other=dyn["other"][epoch].astype(np.int64))
+    return records
+
+
+def grid_cleanlab(x: np.ndarray, y: np.ndarray, seed: int, kind: str, length: str, noise: str) -> np.ndarray:
+    """Five-fold out-of-sample probabilities of the same recipe (cached)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    path = CACHE / f"cv_{kind}_{length}_{noise}_{seed}.npy"
+    if path.exists():
+        return np.load(path)
+    probs = np.zeros((len(y), NUM_CLASSES), np.float32)
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed).split(x, y)
+    for fold, (train_idx, test_idx) in enumerate(folds):
+        net = train_grid(x[train_idx], y[train_idx], seed + 1000 * (fold + 1), kind, length)
+        probs[test_idx] = predict_proba(net, x[test_idx])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, probs)
+    return probs
+
+
+def grid_cell(x: np.ndarray, y_true: np.ndarray, seed: int, kind: str, length: str, noise: str) -> dict[str, Any]:
+    """Every figure of one grid cell and seed (training dynamics and cleanlab's CV probabilities cached)."""
+    from cleanlab.filter import find_label_issues as cl_find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    y = grid_labels(y_true, noise, seed)
+    noisy = y != y_true
+    dyn = grid_dynamics(x, y, seed, kind, length, noise)
+    records = records_from_dynamics(dyn, y)
+    probs = grid_cleanlab(x, y, seed, kind, length, noise)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cl_flagged = cl_find_label_issues(y, probs, n_jobs=1)
+    out: dict[str, Any] = {"fit": float(dyn["correct"][-1].mean()), "noisy": noisy}
+    s = find_label_issues(records)
+    flagged = np.zeros(len(y), bool)
+    flagged[s.flagged_ids] = True
+    out["share"] = float(flagged.mean())
+    out["noise_est"] = s.noise_rate
+    out["abstained"] = s.abstained is not None
+    out["cut"] = cut_metrics(noisy, flagged)
+    out["cl_cut"] = cut_metrics(noisy, cl_flagged)
+    out["cl_share"] = float(cl_flagged.mean())
+    suggested = np.full(len(y), -1)
+    suggested[s.ids] = s.suggested_labels
+    out["sugg"] = suggestion_metrics(noisy, flagged, suggested, y_true)["sugg"]
+    if noisy.any():
+        aps = {}
+        for method in METHODS:
+            scores = np.full(len(y), np.inf)
+            r = find_label_issues(records, method=method)
+            scores[r.ids] = r.scores
+            aps[method] = ranking_metrics(noisy, scores)
+        out["rank"] = aps
+        out["cl_rank"] = ranking_metrics(noisy, get_label_quality_scores(y, probs))
+    return out
+
+
+def run_grid(seeds: list[int], noises: tuple[str, ...] = GRID_NOISES) -> int:
+    """The recipe grid (models x lengths x noises, clean controls included); prints a markdown table."""
+    torch.set_num_threads(1)
+    x, y_true = load_digits_standardized()
+    noises = ("clean", *[n for n in noises if n != "clean"]) if "clean" in noises else noises
+    print(f"grid: models {GRID_MODELS}, lengths {GRID_LENGTHS} (epochs, optimizer), noises {noises}, "
+          f"seeds {seeds}; plain torch loop, batch {BATCH_SIZE}, lr {LR}", flush=True)
+    if "clean" not in noises:
+        raise ValueError("the grid needs the clean control: add 'clean' to --noises")
+    head = ("| model | length | noise | train acc (last epoch) | default AP | best single AP | cleanlab AP | "
+            "default P@k | flag P | flag R | flag F1 | flagged (est. noise) | cleanlab flag F1 | sugg OK | "
+            "targets |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    failures = 0
+    for kind in GRID_MODELS:
+        for length in GRID_LENGTHS:
+            clean_fit = None
+            for noise in noises:
+                cells = [grid_cell(x, y_true, seed, kind, length, noise) for seed in seeds]
+                m = lambda f: float(np.nanmean([f(c) for c in cells]))  # noqa: E731
+                fit = m(lambda c: c["fit"])
+                if noise == "clean":
+                    clean_fit = fit >= 0.99
+                share, est = m(lambda c: c["share"]), m(lambda c: c["noise_est"])
+                abstained = sum(c["abstained"] for c in cells)
+                pct = lambda v: f"{v:.1%}" if np.isfinite(v) else "-"  # noqa: E731
+                flag_text = f"{share:.1%} ({pct(est)})" + (f", abstained {abstained}/{len(cells)}" if abstained else "")
+                misses = []
+                if noise == "clean":
+                    if clean_fit and share > 0.01:
+                        misses.append("clean flags > 1 %")
+                    row = [kind, length, noise, f"{fit:.3f}", "-", "-", "-", "-", "-", "-", "-", flag_text,
+                           f"{m(lambda c: c['cl_share']):.1%} flagged", "-"]
+                else:
+                    ap = m(lambda c: c["rank"]["default"]["ap"])
+                    singles = {k: m(lambda c, k=k: c["rank"][k]["ap"]) for k in METHODS if k != "default"}
+                    best = max(singles, key=singles.get)  # type: ignore[arg-type]
+                    cl_ap = m(lambda c: c["cl_rank"]["ap"])
+                    per_seed_ok = all(c["rank"]["default"]["ap"] >= max(max(v["ap"] for k, v in c["rank"].items()
+                                                                            if k != "default"), c["cl_rank"]["ap"])
+                                      for c in cells)
+                    if not per_seed_ok:
+                        misses.append("AP < a reference")
+                    f1 = m(lambda c: c["cut"]["cut_f1"])
+                    if clean_fit and f1 < 0.90:
+                        misses.append("F1 < 0.90" + (" (abstained)" if abstained else ""))
+                    row = [kind, length, noise, f"{fit:.3f}", f"{ap:.4f}", f"{singles[best]:.4f} ({best})",
+                           f"{cl_ap:.4f}", f"{m(lambda c: c['rank']['default']['p@k']):.3f}",
+                           f"{m(lambda c: c['cut']['cut_p']):.3f}", f"{m(lambda c: c['cut']['cut_r']):.3f}",
+                           f"{f1:.3f}", flag_text, f"{m(lambda c: c['cl_cut']['cut_f1']):.3f}",
+                           pct(m(lambda c: c["sugg"]))]
+                if noise != "clean" and not clean_fit:
+                    misses.append("(model does not fit the clean labels: F1 target n/a)")
+                missed = [t for t in misses if not t.startswith("(")]
+                failures += bool(missed)
+                row.append(("**MISS**: " + "; ".join(missed)) if missed else " ".join(["met", *misses]))
+                lines.append("| " + " | ".join(row) + " |")
+                print(lines[-1], flush=True)
+    print("\n".join(lines))
+    print(f"\ncells missing a target: {failures}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arm", choices=("lightning", "plain"), default="lightning",
                         help="ours via a Trainer with Introspect (default) or the plain torch loop")
+    parser.add_argument("--grid", action="store_true",
+                        help="the recipe grid (MLP/CNN, short/long, clean/symmetric/pairwise noise; plain loop, "
+                             "cached)")
+    parser.add_argument("--noises", nargs="+", default=list(GRID_NOISES),
+                        help="grid noises: clean, sym<percent>, pair<percent> (e.g. sym20)")
     args = parser.parse_args(argv)
+    if args.grid:
+        return run_grid(args.seeds, tuple(args.noises))
     torch.set_num_threads(1)
     x, y_true = load_digits_standardized()
     print(f"digits {x.shape}, recipe: AdamW lr {LR} wd {WEIGHT_DECAY}, batch {BATCH_SIZE}, {EPOCHS} epochs; "

@@ -3,15 +3,21 @@
 The text is `pydoc_data.topics` (the `help()` pages of the standard library, offline). Each training
 example is one fixed window of characters; its per-token losses are folded into per-window dynamics.
 For language data a "suspect" is not a wrong label: it is a window the model finds hard or keeps
-forgetting (tables, grammar notation, code, rare characters, text cut at a topic end).
+forgetting (tables, grammar notation, code, rare characters, text cut at a topic end). To measure the
+ranking, ``--noise`` (default 5 %) corrupts a seeded share of the windows: their next-character targets are
+replaced by random characters, the sequence counterpart of a wrong label. The script prints how many of
+the lowest-ranked windows are corrupted ones, the flagged share and the estimated noise rate (or why the
+automatic cut abstains: a character model does not fit its windows, so it should not flag), and the text of
+each suspect is in ``suspects.csv`` (column ``text``) and the TensorBoard suspects table.
 
-    python examples/nlp_transformer.py [--out runs/nlp] [--epochs 8] [--windows 2048] [--max-steps -1]
+    python examples/nlp_transformer.py [--out runs/nlp] [--epochs 8] [--windows 2048] [--noise 0.05]
     tensorboard --logdir runs/nlp
 """
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -42,6 +48,18 @@ def windows(seq_len: int, max_windows: int, seed: int = 0) -> tuple[TensorDatase
             ys.append(chunk[1:] + [IGNORE] * pad)
     keep = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))[:max_windows].sort().values
     return TensorDataset(torch.tensor(xs)[keep], torch.tensor(ys)[keep]), vocab
+
+
+def corrupt(data: TensorDataset, share: float, vocab_size: int, seed: int = 0) -> np.ndarray:
+    """Replace the targets of a seeded ``share`` of the windows by random characters, in place (ignored
+    positions stay ignored); returns the sorted ids of the corrupted windows."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(data)
+    ids = torch.randperm(n, generator=g)[: int(round(share * n))].sort().values
+    targets = data.tensors[1]
+    noise = torch.randint(1, vocab_size, targets[ids].shape, generator=g)
+    targets[ids] = torch.where(targets[ids] == IGNORE, targets[ids], noise)
+    return ids.numpy()
 
 
 class CharTransformer(pl.LightningModule):
@@ -79,12 +97,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--windows", type=int, default=2048, help="train on this many windows (of ~7300)")
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--noise", type=float, default=0.05, help="share of windows with random targets")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     data, vocab = windows(args.seq_len, args.windows)
+    corrupted = corrupt(data, args.noise, len(vocab))
     loader = DataLoader(WithIndex(data), batch_size=64, shuffle=True)
-    introspect = Introspect(every_n_steps=20, ignore_index=IGNORE)
+
+    def describe(i: int) -> str:  # the window's text, for the suspects tables
+        x, y = data[i]
+        return "".join(vocab[int(c)] for c in x[y != IGNORE])
+
+    introspect = Introspect(every_n_steps=20, ignore_index=IGNORE, describe=describe)
     logger = TensorBoardLogger(args.out, name="", version=time.strftime("run-%Y%m%d-%H%M%S"))
     trainer = pl.Trainer(max_epochs=args.epochs, max_steps=args.max_steps, callbacks=[introspect], logger=logger,
                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
@@ -115,7 +140,19 @@ def main() -> None:
           "A window with high loss / low AUM is hard or atypical text (grammar notation, code, tables, rare symbols,\n"
           "URLs) or noise; one that is forgotten sits at the edge of what the model has learned. Neither is a\n"
           "'wrong label': the ranking points at the text the model finds least like the rest.\n")
-    hardest = introspect.mislabeled(method="aum").ids  # ranked by AUM, lowest first
+    with warnings.catch_warnings(record=True):  # the abstention is printed below
+        warnings.simplefilter("always")
+        suspects = introspect.mislabeled()
+    if len(corrupted):
+        k = len(corrupted)
+        hits = np.isin(suspects.ids[:k], corrupted).sum()
+        print(f"Injected noise: {k} of {len(data)} windows ({k / len(data):.1%}) have random targets; "
+              f"{hits} of the {k} lowest-ranked windows are corrupted ones (precision@k {hits / k:.0%}).")
+    rate = f"{suspects.noise_rate:.1%}" if np.isfinite(suspects.noise_rate) else "- (too little evidence)"
+    print(f"Flagged: {int(suspects.flagged.sum())} windows ({suspects.flagged_share:.1%}); estimated noise "
+          f"rate {rate}." + ("" if suspects.abstained is None else
+                                                 f" The automatic cut abstains: {suspects.abstained}") + "\n")
+    hardest = introspect.mislabeled(method="aum", cut=0).ids  # ranked by AUM, lowest first
     table(f"Hardest windows (lowest AUM; {np.mean(aum < 0):.0%} of all windows have AUM < 0 so far):",
           hardest[: args.top])
     forgotten = np.lexsort((-loss, -rec["forgetting_events"]))[: args.top]

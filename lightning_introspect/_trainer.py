@@ -1,6 +1,7 @@
 """Helpers of the Lightning callback that read the Trainer, its strategy, datasets and loggers."""
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -9,6 +10,37 @@ from torch import nn
 
 from .core.config import IntrospectConfig
 from .core.samples import WithIndex
+
+
+_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.\-]+")
+
+
+def _check_arguments(*, name: Any, ids: Any, targets: Any, describe: Any) -> None:
+    """Refuses, when the callback is made, a ``name``, ``ids``, ``targets`` or ``describe`` it cannot use."""
+    if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
+        raise ValueError(
+            f"`name` must be a non-empty string of letters, digits, '_', '-' or '.' (it becomes a folder), "
+            f"got {name!r}."
+        )
+    for arg, key in (("ids", ids), ("targets", targets)):
+        if not (key == "auto" or key is None or isinstance(key, (str, int)) or callable(key)):
+            raise ValueError(f"`{arg}` must be 'auto', a tuple position, a dict key or a function, got {key!r}.")
+    if describe is not None and not callable(describe):
+        raise ValueError(f"`describe` must be a callable `describe(sample_id) -> str` or None, got {describe!r}.")
+
+
+def _dir_taken_error(records_dir: Any) -> RuntimeError:
+    """A new Trainer's fit that would start fresh records in the previous run's records dir, without resuming."""
+    return RuntimeError(
+        f"Introspect already wrote a run to {records_dir}, and this fit with a new Trainer would start "
+        "fresh records there, over the first run's, and mix both runs' TensorBoard points. Give the new "
+        "Trainer a log dir of its own (a new logger version, or `Introspect(log_dir=...)` without a "
+        "TensorBoardLogger), resume that run with `fit(..., ckpt_path=...)`, or use a new Introspect."
+    )
+
+
+def _not_set_up() -> RuntimeError:
+    return RuntimeError("Introspect is used before `setup`: attach it to a Trainer and call `fit`.")
 
 
 def _clips_gradients(trainer: Any, pl_module: Any) -> bool:
@@ -34,6 +66,19 @@ def _find_dataset(dataset: Any, cls: type) -> Any:
         dataset = getattr(dataset, "__dict__", {}).get("dataset")
         seen += 1
     return None
+
+
+def _with_index_in_parts(dataset: Any) -> bool:
+    """Whether a concatenation (``ConcatDataset``: ``.datasets`` and ``.cumulative_sizes``) on the ``.dataset``
+    chain holds a ``WithIndex`` inside one of its parts: each part's ids count from 0, so they collide."""
+    seen = 0
+    while dataset is not None and seen < 16:
+        parts = getattr(dataset, "datasets", None)
+        if hasattr(dataset, "cumulative_sizes") and isinstance(parts, (list, tuple)):
+            return any(_find_dataset(p, WithIndex) is not None or _with_index_in_parts(p) for p in parts)
+        dataset = getattr(dataset, "__dict__", {}).get("dataset")
+        seen += 1
+    return False
 
 
 #: Strategies whose parameters the callback cannot read: FSDP1 flattens and shards them into FlatParameters,
@@ -121,6 +166,12 @@ def _sample_ids_plan(loader: Any, cfg: IntrospectConfig, ids_key: Any) -> Sample
 
     ts = _find_dataset(dataset, ThresholdSamples)
     threshold_ids = ts.threshold_ids if ts is not None else None
+    if cfg.sample_dynamics is not False and wrapped is None and ids_key == "auto" and _with_index_in_parts(dataset):
+        raise ValueError(
+            "the training set concatenates datasets wrapped in `WithIndex` (a `ConcatDataset` of them): each "
+            "part's sample ids count from 0, so examples of different parts would share ids. Wrap the "
+            "concatenation instead: `WithIndex(ConcatDataset([a, b]))`, or pass `ids=` to ids of your own."
+        )
     dynamics, id_key = False, None
     if cfg.sample_dynamics is False:
         dynamics = False

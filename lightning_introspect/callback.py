@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-import re
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Type, Union
 
 from torch import Tensor, nn
 from typing_extensions import override
@@ -15,13 +15,11 @@ from .core.config import DEFAULT_LAYER_TYPES, IntrospectConfig
 from .core.batch import BatchKey, as_mapping, logits_of, read_ids_and_targets
 from .core.introspector import Introspector
 from ._trainer import (
-    _check_strategy, _check_writable, _clips_gradients, _forward_to, _runs_own_forward, _sample_ids_plan,
+    _check_arguments, _check_strategy, _check_writable, _clips_gradients, _dir_taken_error, _forward_to,
+    _not_set_up, _runs_own_forward, _sample_ids_plan,
 )
 from .publish import write_report_files
 from .sinks.tensorboard import TensorBoardSink
-
-_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.\-]+")
-
 
 class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     """Live introspection of training: activations, dead units, gradient norms, per-example loss dynamics.
@@ -56,7 +54,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``saturated_count/{layer}``,      sampled     number of such units; how many windows the longest-
     ``saturated_windows/{layer}``                 saturated unit has stayed saturated
     ``grad_norm/global``              sampled     L2 norm of all gradients (after AMP unscaling, before
-                                                  gradient clipping)
+                                                  gradient clipping; under manual optimization as
+                                                  ``opt.step()`` runs: after any clipping done before it)
     ``grad_norm/global_clipped``      sampled     the same after clipping: the norm the optimizer step
                                                   used (only when ``gradient_clip_val`` is set or the
                                                   module overrides ``configure_gradient_clipping``; not on
@@ -71,12 +70,16 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     ``samples/loss``                  epoch end   histogram of per-example mean loss this epoch
     ``samples/margin``                epoch end   histogram of per-example margin
     ``samples/confidence``            epoch end   histogram of given-label probability
-    ``samples/learned_fraction``      epoch end   share of examples classified correctly this epoch
-    ``samples/forgotten_fraction``    epoch end   share forgotten this epoch (correct before, now wrong)
-    ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled
+    ``samples/learned_fraction``      epoch end   share of the examples seen so far that were classified
+                                                  correctly in the latest epoch that saw them
+    ``samples/forgotten_fraction``    epoch end   share of them forgotten this epoch (correct when last
+                                                  seen before, now wrong)
+    ``samples/flagged_fraction``      epoch end   share currently flagged as likely mislabeled (0 while
+                                                  the cut abstains)
     ``samples/data_map``              epoch end   image: confidence vs. variability, coloured by correctness
     ``samples/suspects``              epoch end   text: table of the current top suspects, with the label
-                                                  each one's dynamics suggest
+                                                  each one's dynamics suggest and its region; the flagged
+                                                  share and noise estimate, or why the cut abstains
     ``samples/confusion``             epoch end   text: flagged examples by class: the most confused
                                                   (given, suggested) pairs, flagged share per class
     ``alerts/nonfinite``              on event    text: NaN/Inf loss, first layer in forward order
@@ -134,6 +137,9 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             it, a token of (N, T, C) logits with it.
         history: also write each epoch's per-example figures to ``introspect/history/`` (disk, not RAM).
         class_names: names of the classes, for tables and reports.
+        describe: ``describe(sample_id) -> str``, e.g. the text of an example: the ``text`` column of
+            ``suspects.csv`` and of the ``samples/suspects`` TensorBoard table (called for every ranked example
+            when the table is built, for the shown rows at each epoch end).
         log_dir: where to write when the Trainer has no TensorBoardLogger (default: the Trainer's log dir).
         forward_to_loggers: also send scalars to the Trainer's other loggers (CSV, W&B, ...).
         name: tells several ``Introspect`` callbacks on one Trainer apart (letters, digits, ``_``, ``-``,
@@ -150,8 +156,9 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
     Reuse: each ``fit`` with a new Trainer starts fresh (new records, new TensorBoard points in that Trainer's
     log dir, hooks on the model being fit); it must not resolve to the log dir of this callback's previous
-    run. A second ``fit`` on the same Trainer and model continues the records, as a resume does. Fitting a
-    different model on the same Trainer is refused (use a new Trainer).
+    run, unless it resumes that run from a checkpoint (``fit(..., ckpt_path=...)``). A second ``fit`` on the
+    same Trainer and model continues the records, as a resume does. Fitting a different model on the same
+    Trainer is refused (use a new Trainer).
     """
 
     def __init__(
@@ -183,13 +190,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         log_dir: Optional[Union[str, os.PathLike]] = None,
         forward_to_loggers: bool = True,
         name: Optional[str] = None,
+        describe: Optional[Callable[[int], str]] = None,
     ) -> None:
         super().__init__()
-        if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
-            raise ValueError(
-                f"`name` must be a non-empty string of letters, digits, '_', '-' or '.' (it becomes a folder), "
-                f"got {name!r}."
-            )
+        _check_arguments(name=name, ids=ids, targets=targets, describe=describe)
         self.name = name
         self.config = IntrospectConfig(
             every_n_steps=every_n_steps, warmup_steps=warmup_steps, overhead_budget=overhead_budget,
@@ -201,12 +205,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             update_ratios=update_ratios, sample_dynamics=sample_dynamics, num_examples=num_examples,
             ignore_index=ignore_index, history=history,
         )
-        for name, key in (("ids", ids), ("targets", targets)):
-            if not (key == "auto" or key is None or isinstance(key, (str, int)) or callable(key)):
-                raise ValueError(f"`{name}` must be 'auto', a tuple position, a dict key or a function, got {key!r}.")
         self.ids_key = ids
         self.targets_key = targets
         self.class_names = list(class_names) if class_names is not None else None
+        self.describe = describe
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.forward_to_loggers = forward_to_loggers
         self.core: Optional[Introspector] = None
@@ -224,6 +226,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         self._loaded_state: Optional[dict[str, Any]] = None
         self._trainer: Any = None
         self._clipping = False  # whether Lightning clips gradients after on_before_optimizer_step
+        self._dir_taken = False  # this fit would start over in the previous run's records dir (see setup)
 
     @property
     @override
@@ -247,13 +250,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         if self.name is not None:
             log_dir = log_dir / self.name
         records_dir = log_dir / "introspect"
-        if carried is None and self.records_dir is not None and records_dir.resolve() == self.records_dir.resolve():
-            raise RuntimeError(
-                f"Introspect already wrote a run to {records_dir}, and this fit with a new Trainer would start fresh "
-                "records there, over the first run's, and mix both runs' TensorBoard points. Give the new Trainer "
-                "a log dir of its own (a new logger version, or `Introspect(log_dir=...)` without a "
-                "TensorBoardLogger), or use a new Introspect."
-            )
+        # A new Trainer in the previous run's dir is refused at on_train_start, unless a checkpoint is loaded in
+        # between (`fit(ckpt_path=...)` restores the callbacks after setup): that resumes the run in its own dir.
+        same_dir = self.records_dir is not None and records_dir.resolve() == self.records_dir.resolve()
+        self._dir_taken = carried is None and same_dir and self._loaded_state is None
         self.records_dir = records_dir
         sinks: list[Any] = []
         if trainer.is_global_zero:
@@ -266,6 +266,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             pl_module, self.config, sinks=sinks, records_dir=self.records_dir, on_scalars=on_scalars,
             class_names=self.class_names, is_writer=trainer.is_global_zero,
         )
+        self.core.describe = self.describe
         if carried is not None:
             self.core.load_state_dict(carried)
         if self._loaded_state is not None:
@@ -296,6 +297,8 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         core = self._require_core()
+        if self._dir_taken:
+            raise _dir_taken_error(self.records_dir)
         self._clipping = _clips_gradients(trainer, pl_module)
         plan = _sample_ids_plan(trainer.train_dataloader, self.config, self.ids_key)
         if plan.threshold_ids is not None:
@@ -313,7 +316,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         core = self.core
         if core is None:
-            raise self._not_set_up()
+            raise _not_set_up()
         core.begin_step(trainer.global_step)
         if self._dynamics and self._logits_in_output is not True:
             self._captured = None
@@ -375,7 +378,7 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         core = self.core
         if core is None:
-            raise self._not_set_up()
+            raise _not_set_up()
         loss = outputs if isinstance(outputs, Tensor) else as_mapping(outputs).get("loss")
         if loss is None and not outputs and pl_module.automatic_optimization:
             # training_step returned None: Lightning skipped the batch (no backward, no update); so does this.
@@ -450,7 +453,10 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
         core.close()
         # After a failed write the user was warned once already (log dir unwritable or full): no second warning.
         if trainer.is_global_zero and core.has_epoch_records and core.task != "regression" and not core.write_failures:
-            self._write_report_files()
+            assert self.records_dir is not None
+            # Not self.mislabeled(): an abstaining cut warns the user who asks, not every fit's end.
+            write_report_files(self.records_dir, lambda: core.mislabeled(threshold_ids=self.threshold_ids),
+                               core.records, core.task, self.class_names)
 
     @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -464,14 +470,14 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
 
         Returns a :class:`~lightning_introspect.core.scoring.Suspects` (``suggested_labels``, ``pred_probs``,
         ``class_view()``, ``to_pandas()``); the same table is written to ``<log_dir>/introspect/suspects.csv``
-        and the per-class view to ``confusion.md`` after ``fit``.
+        and the per-class view to ``confusion.md`` after ``fit``. When the run gives too little evidence for the
+        automatic cut it flags nothing and warns why (``Suspects.abstained``).
         """
-        return self._require_core().mislabeled(method=method, cut=cut, threshold_ids=self.threshold_ids)
-
-    def _write_report_files(self) -> None:
-        core = self._require_core()
-        assert self.records_dir is not None
-        write_report_files(self.records_dir, self.mislabeled, core.records, core.task, self.class_names)
+        suspects = self._require_core().mislabeled(method=method, cut=cut, threshold_ids=self.threshold_ids)
+        if suspects.abstained is not None:
+            warnings.warn(f"lightning_introspect: the automatic cut flags no example: {suspects.abstained}",
+                          UserWarning, stacklevel=2)
+        return suspects
 
     # ------------------------------------------------------------------------------------------------ state
     @override
@@ -484,14 +490,11 @@ class Introspect(*CALLBACK_BASES):  # type: ignore[misc]
             return
         if self.core is not None:
             self.core.load_state_dict(state_dict)
+            self._dir_taken = False  # a checkpoint restored after setup: this fit resumes that run
         else:
             self._loaded_state = dict(state_dict)
 
     def _require_core(self) -> Introspector:
         if self.core is None:
-            raise self._not_set_up()
+            raise _not_set_up()
         return self.core
-
-    @staticmethod
-    def _not_set_up() -> RuntimeError:
-        return RuntimeError("Introspect is used before `setup`: attach it to a Trainer and call `fit`.")

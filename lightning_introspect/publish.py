@@ -23,15 +23,17 @@ class RecordsPublisher:
         config: the run's configuration (``history`` writes each epoch's per-example means too).
         records_dir: folder for ``samples.npz``/``.json`` and the epoch history; None keeps nothing on disk.
         class_names: names of the classes, for the tables.
+        describe: ``describe(sample_id) -> str``, the ``text`` column of the suspects table (the core sets it).
     """
 
     def __init__(
         self, config: IntrospectConfig, records_dir: Optional[str | Path] = None,
-        class_names: Optional[Sequence[str]] = None,
+        class_names: Optional[Sequence[str]] = None, describe: Optional[Callable[[int], str]] = None,
     ) -> None:
         self.config = config
         self.records_dir = Path(records_dir) if records_dir is not None else None
         self.class_names = list(class_names) if class_names is not None else None
+        self.describe = describe
         self._extras_cost = 0.0  # seconds the last picture + suspects table took
         self._extras_done = -math.inf
         self._skipped: Optional[tuple[EpochOutput, Optional[np.ndarray]]] = None
@@ -103,7 +105,8 @@ class RecordsPublisher:
         gc.collect(1)
         confusion = confusion_markdown(suspects, self.class_names, epoch)
         for sink in sinks:
-            sink.add_text("samples/suspects", suspects_markdown(suspects, self.class_names, epoch), step)
+            sink.add_text("samples/suspects", suspects_markdown(suspects, self.class_names, epoch,
+                                                                describe=self.describe), step)
             if confusion is not None:
                 sink.add_text("samples/confusion", confusion, step)
             sink.add_image("samples/data_map", image, step)
@@ -135,39 +138,59 @@ def default_publisher(
     return RecordsPublisher(config, records_dir, class_names)
 
 
-def suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoch: int, top: int = 10) -> str:
-    """The ``top`` suspects of an epoch as a markdown table (the hardest examples, for sequence data)."""
+def suspects_markdown(suspects: Any, class_names: Optional[Sequence[str]], epoch: int, top: int = 10,
+                      describe: Optional[Callable[[int], str]] = None) -> str:
+    """The ``top`` suspects of an epoch as a markdown table (the hardest examples, for sequence data), with a
+    ``text`` column from ``describe(sample_id)`` when given, each row's region, the flagged share and noise
+    estimate, or why the cut abstains."""
     def name(label: int) -> str:
         if class_names is not None and 0 <= label < len(class_names):
             return str(class_names[label])
         return str(label)
 
+    def text(rank: int) -> str:  # the shown rows only: describe may be slow, and the table has `top` rows
+        if describe is None:
+            return ""
+        words = " ".join(str(describe(int(suspects.ids[rank]))).split()).replace("|", "\\|")
+        return " " + (words if len(words) <= 80 else words[:79] + "…") + " |"
+
+    text_head, text_rule = (" text |", ":---|") if describe is not None else ("", "")
     n_flag = int(np.sum(suspects.flagged))
+    share = f"{n_flag / len(suspects.ids):.1%}" if len(suspects.ids) else "-"
+    rate = f"{suspects.noise_rate:.1%}" if np.isfinite(suspects.noise_rate) else "- (too little evidence)"
+    summary = f" Flagged share {share}; estimated noise rate {rate}." if len(suspects.ids) else ""
+    if suspects.abstained is not None:
+        summary += f" The automatic cut flags nothing: {suspects.abstained}"
     if len(suspects.ids) and (np.asarray(suspects.labels) < 0).all():  # no class labels: sequence (N, T, C) data
         lines = [
             f"**Epoch {epoch}: the {min(top, len(suspects.ids))} hardest of {len(suspects.ids)} examples** (scorer "
-            f"`{suspects.method}` over their tokens, lower = harder; {n_flag} score below {suspects.threshold:.3f}). "
-            "For sequences these are hard, atypical or noisy examples, not wrong labels.",
+            f"`{suspects.method}` over their tokens, lower = harder; "
+            + (f"{n_flag} score below {suspects.threshold:.3f}). " if suspects.abstained is None else "no cut). ")
+            + "For sequences these are hard, atypical or noisy examples, not wrong labels." + summary,
             "",
-            "| rank | id | score |",
-            "|---:|---:|---:|",
+            "| rank | id | score | region |" + text_head,
+            "|---:|---:|---:|:---|" + text_rule,
         ]
-        lines += [f"| {r + 1} | {int(suspects.ids[r])} | {float(suspects.scores[r]):.3f} |"
+        lines += [f"| {r + 1} | {int(suspects.ids[r])} | {float(suspects.scores[r]):.3f} | "
+                  f"{'-' if suspects.regions is None else suspects.regions[r]} |{text(r)}"
                   for r in range(min(top, len(suspects.ids)))]
         return "\n".join(lines)
     lines = [
         f"**Epoch {epoch}: {n_flag} of {len(suspects.ids)} examples flagged as likely mislabeled** "
-        f"(scorer `{suspects.method}`, cut at score {suspects.threshold:.3f}; lower score = more suspect).",
+        f"(scorer `{suspects.method}`, "
+        + (f"cut at score {suspects.threshold:.3f}; " if suspects.abstained is None else "")
+        + "lower score = more suspect)." + summary,
         "",
-        "| rank | id | given label | suggested label | score | flagged |",
-        "|---:|---:|:---|:---|---:|:---:|",
+        "| rank | id | given label | suggested label | score | flagged | region |" + text_head,
+        "|---:|---:|:---|:---|---:|:---:|:---|" + text_rule,
     ]
     suggested = suspects.suggested_labels
     for r in range(min(top, len(suspects.ids))):
         sug = "-" if suggested is None or suggested[r] < 0 else name(int(suggested[r]))
         lines.append(
             f"| {r + 1} | {int(suspects.ids[r])} | {name(int(suspects.labels[r]))} | {sug} | "
-            f"{float(suspects.scores[r]):.3f} | {'yes' if suspects.flagged[r] else 'no'} |"
+            f"{float(suspects.scores[r]):.3f} | {'yes' if suspects.flagged[r] else 'no'} | "
+            f"{'-' if suspects.regions is None else suspects.regions[r]} |{text(r)}"
         )
     return "\n".join(lines)
 

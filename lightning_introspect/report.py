@@ -64,8 +64,9 @@ def write_suspects_csv(
 
     The header is ``index,score,flagged,label``, then ``label_name`` when ``class_names`` are given, then
     ``suggested_label`` (and ``suggested_label_name``) when the suspects have suggested labels (-1: none), then
-    every entry of ``suspects.columns``. ``index`` is the sample id; ``flagged`` is ``true``/``false``;
-    floats have 6 significant digits, NaN is written ``nan``.
+    ``region`` (Dataset Cartography region, or ``mislabeled`` when flagged) when known, then every entry of
+    ``suspects.columns`` (``text`` among them when a ``describe`` hook gave it). ``index`` is the sample id;
+    ``flagged`` is ``true``/``false``; floats have 6 significant digits, NaN is written ``nan``.
 
     Args:
         path: the CSV file to write; its folder is created if needed.
@@ -113,6 +114,8 @@ def write_suspects_csv(
         fields["suggested_label"] = np.asarray(suspects.suggested_labels)
         if names is not None:
             fields["suggested_label_name"] = named(fields["suggested_label"])
+    if suspects.regions is not None:
+        fields["region"] = np.asarray(suspects.regions, dtype=object)
     for name, column in suspects.columns.items():
         if name in fields:
             raise ValueError(f"`suspects.columns` must not repeat the column {name!r}.")
@@ -316,8 +319,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _table(suspects: Suspects, columns: Mapping[str, np.ndarray], names: Optional[list[str]], top: int) -> str:
-    header = ["rank", "id", "label", "suggested", "score", "flagged", "AUM", "confidence", "variability", "forgetting"]
-    right = [True, True, False, False, True, False, True, True, True, True]
+    header = ["rank", "id", "label", "suggested", "score", "flagged", "region", "AUM", "confidence", "variability",
+              "forgetting"]
+    right = [True, True, False, False, True, False, False, True, True, True, True]
+    texts = columns.get("text")
+    if texts is not None:
+        header.append("text")
+        right.append(False)
     rows = []
     empty = np.full(len(suspects.ids), np.nan)
 
@@ -335,11 +343,15 @@ def _table(suspects: Suspects, columns: Mapping[str, np.ndarray], names: Optiona
             str(rank + 1), str(int(suspects.ids[rank])), label_text(int(suspects.labels[rank])),
             label_text(int(suggested[rank])), _fmt(float(suspects.scores[rank]), 4),
             "yes" if suspects.flagged[rank] else "no",
+            "-" if suspects.regions is None else str(suspects.regions[rank]),
             _fmt(float(columns.get("aum", empty)[rank]), 2),
             _fmt(float(columns.get("confidence_mean", empty)[rank])),
             _fmt(float(columns.get("variability", empty)[rank])),
             "-" if forgetting is None else str(int(forgetting[rank])),
         ])
+        if texts is not None:
+            text = " ".join(str(texts[rank]).split())
+            rows[-1].append(repr(text if len(text) <= 60 else text[:59] + "…"))
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
     lines = []
     for row in [header, *rows]:
@@ -391,7 +403,9 @@ def _report(args: argparse.Namespace, stdout: TextIO) -> int:
     if names:
         shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
         classes += f" ({shown})"
-    if not np.isfinite(suspects.threshold):
+    if suspects.abstained is not None:
+        cut_text = "auto -> abstains, flags none (see the warning below)"
+    elif not np.isfinite(suspects.threshold):
         cut_text = f"{args.cut} -> flags none"
     elif isinstance(args.cut, int):  # an int cut reports the k-th score as its threshold
         cut_text = f"top {args.cut} -> flags scores <= {suspects.threshold:.4g}"
@@ -409,12 +423,17 @@ def _report(args: argparse.Namespace, stdout: TextIO) -> int:
         ("method", suspects.method),
         ("cut", cut_text
          + (f", {len(threshold_ids)} threshold samples" if threshold_ids is not None else "")),
-        ("flagged", f"{num_flagged:,} of {num_seen:,} seen{share}"),
+        ("flagged", f"{num_flagged:,} of {num_seen:,} seen{share}"
+         + ("" if suspects.abstained is None else " (the cut abstained, see the warning below)")),
+        ("est. noise", "- (too little evidence)" if not np.isfinite(suspects.noise_rate) else
+         f"{suspects.noise_rate:.1%} of seen examples below the method's natural cut"),
     ]
     width = max(len(key) for key, _ in summary) + 1
     for key, value in summary:
         print(f"{key + ':':<{width}} {value}", file=stdout)
 
+    if suspects.abstained is not None:
+        print(f"\nwarning: the automatic cut flags nothing: {suspects.abstained}", file=stdout)
     if args.top and len(suspects.ids):
         shown = min(args.top, len(suspects.ids))
         print(f"\nTop {shown} suspects (score in [0, 1], lower = more likely mislabeled):", file=stdout)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from . import dist
 from ._sync import allow_sync
 from .alerts import Alerts
+from .compile import EagerStance
 from .config import IntrospectConfig
 from .contracts import EXTRAS_DUTY, EpochOutput, Publisher, Sink, default_publisher
 from .dynamics import SAMPLE_BUFFER_STEPS, Dynamics
@@ -105,6 +106,7 @@ class Introspector:
         self.records_dir = Path(records_dir) if records_dir is not None else None
         self.publisher = publisher if publisher is not None else default_publisher(config, self.records_dir, class_names)
         self.class_names = list(class_names) if class_names is not None else None
+        self._describe: Optional[Callable[[int], str]] = None
         self.dynamics = Dynamics(config, self.writer, num_examples or config.num_examples)
         self.flusher = FlushPipeline(
             config, writer=self.writer, hooks=self.hooks, grad=self.grad, schedule=self.schedule, alerts=self.alerts,
@@ -116,7 +118,7 @@ class Introspector:
         self.epochs_done = 0
         self._pending: Optional[int] = None
         self._step_handles: list[Any] = []
-        self._eager_stance: Any = None  # the `force_eager` stance of the sampled step in progress (see _run_eager)
+        self.stance = EagerStance(self.writer)  # runs sampled steps' compiled code eagerly (see core/compile.py)
         self._records: Optional[dict[str, np.ndarray]] = None
         self._steps_since_flush = 0
         self.threshold_ids: Optional[np.ndarray] = None  # AUM threshold samples (ThresholdSamples), if any
@@ -129,6 +131,17 @@ class Introspector:
     @on_scalars.setter
     def on_scalars(self, fn: Optional[Callable[[dict[str, float], int], None]]) -> None:
         self.flusher.on_scalars = fn
+
+    @property
+    def describe(self) -> Optional[Callable[[int], str]]:
+        """``describe(sample_id) -> str`` (e.g. an example's text): the ``text`` column of the suspects tables."""
+        return self._describe
+
+    @describe.setter
+    def describe(self, fn: Optional[Callable[[int], str]]) -> None:
+        self._describe = fn
+        if hasattr(self.publisher, "describe"):  # the publisher's suspects table shows it too
+            setattr(self.publisher, "describe", fn)
 
     @property
     def store(self) -> Optional[PerSampleStore]:
@@ -202,8 +215,8 @@ class Introspector:
                 self.hooks.histogram = cfg.histograms and self.samples_flushed % cfg.histogram_every_n_samples == 0
                 if self.layers:
                     self.hooks.attach()
-                    if self._eager_stance is None and "torch._dynamo.eval_frame" in sys.modules:
-                        self._run_eager()
+                    if not self.stance.held and "torch._dynamo.eval_frame" in sys.modules:
+                        self.stance.hold()
             return sampled
         finally:
             if outer:
@@ -221,9 +234,7 @@ class Introspector:
         try:
             if self.sampled:  # only a sampled step attaches hooks (observe_gradients returns at once otherwise)
                 self.hooks.detach()
-                if self._eager_stance is not None:
-                    stance, self._eager_stance = self._eager_stance, None
-                    stance.__exit__(None, None, None)  # back to the stance the step began with
+                self.stance.release()  # back to the stance the step began with, once no instance holds it
                 for h in self._step_handles:
                     h.remove()
                 self._step_handles = []
@@ -241,17 +252,6 @@ class Introspector:
                 self.overhead_seconds += now - t0
             # the step's own time: its timed calls so far, and the one in progress
             self.schedule.end(now, own_seconds=self.overhead_seconds - self._own_mark + (0.0 if outer else now - start))  # type: ignore[operator]
-
-    def _run_eager(self) -> None:
-        """Runs the sampled step's ``torch.compile`` code eagerly (``torch.compiler.set_stance("force_eager")``,
-        until :meth:`end_step` restores the stance the step began with), so that every hooked layer runs its
-        hook. A compiled graph never holds the hooks: Dynamo does not guard on an empty hook dict, so a graph
-        traced on an unsampled step (a new batch size or sequence length) would run hook-less on every later
-        sampled step; and one traced with the hooks would break at each of them. Compiled code then recompiles
-        for nothing Introspect does, and unsampled steps keep the user's graphs."""
-        if torch.compiler.is_compiling():  # the step itself is being traced: a stance cannot be set there
-            return
-        self._eager_stance = torch.compiler.set_stance("force_eager")
 
     def own_time(self) -> "_OwnTime":
         """``with core.own_time(): ...`` counts the time inside as the tool's own (``overhead_seconds``, and
@@ -430,11 +430,9 @@ class Introspector:
         """Examples ranked most suspect first (see :func:`~lightning_introspect.core.scoring.find_label_issues`)."""
         from .scoring import find_label_issues
 
-        if threshold_ids is None:
-            threshold_ids = self.threshold_ids
-        return find_label_issues(
-            self.records(), method=method, cut=cut, threshold_ids=threshold_ids, num_classes=self.num_classes
-        )
+        threshold_ids = self.threshold_ids if threshold_ids is None else threshold_ids
+        return find_label_issues(self.records(), method=method, cut=cut, threshold_ids=threshold_ids,
+                                 num_classes=self.num_classes, describe=self.describe)
 
     @_timed
     def close(self) -> None:

@@ -182,3 +182,26 @@ def test_store_memory_stays_within_64_bytes_per_example_whatever_the_classes(num
     assert before <= 64
     tensors = [v for v in vars(store).values() if isinstance(v, torch.Tensor) and v.numel() >= N]
     assert sum(t.numel() * t.element_size() for t in tensors) / N <= 64  # nothing per example left uncounted
+
+
+def test_sequence_figures_are_the_means_over_each_examples_kept_tokens() -> None:
+    """Test each example's loss, margin, probability and token accuracy against a per-example oracle over
+    its tokens that are not ignored (ignored tokens at the end, in the middle, and an all-ignored example)."""
+    g = torch.Generator().manual_seed(0)
+    N, T, C = 4, 6, 5
+    logits = torch.randn(N, T, C, generator=g)
+    targets = torch.randint(0, C, (N, T), generator=g)
+    targets[0, 4:] = -100
+    targets[1, 1:3] = -100
+    targets[3, :] = -100
+    loss, margin, conf, correct, status = sequence_figures(logits, targets, -100)
+    for i in range(3):
+        kept = targets[i] != -100
+        lg, tg = logits[i][kept], targets[i][kept]
+        given = lg.gather(1, tg[:, None]).squeeze(1)
+        other = lg.scatter(1, tg[:, None], float("-inf")).max(1).values
+        torch.testing.assert_close(loss[i], torch.nn.functional.cross_entropy(lg, tg))
+        torch.testing.assert_close(margin[i], (given - other).mean())
+        torch.testing.assert_close(conf[i], lg.softmax(1).gather(1, tg[:, None]).mean())
+        torch.testing.assert_close(correct[i], (lg.argmax(1) == tg).float().mean())
+    assert status.tolist() == [1, 1, 1, -1]

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from lightning_introspect.core.scoring import (
     FIELDS,
     METHODS,
+    MIN_EPOCHS,
     find_label_issues,
     fold_epoch,
     init_records,
@@ -204,11 +205,16 @@ def test_suspects_carry_export_columns() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ cuts
-def _flat_records(scores_margin: list[float]) -> dict[str, np.ndarray]:
+def _flat_records(scores_margin: list[float], epochs: int = 1) -> dict[str, np.ndarray]:
+    """Records whose mean margin is ``scores_margin`` over ``epochs`` epochs; an example with a margin >= 0
+    was right in every epoch (so with ``epochs >= MIN_EPOCHS`` the run fits what the cut keeps)."""
     r = init_records(len(scores_margin))
-    r["seen_epochs"][:] = 1
+    r["seen_epochs"][:] = epochs
     r["label"][:] = 0
-    r["margin_sum"][:] = scores_margin
+    r["margin_sum"][:] = np.asarray(scores_margin) * epochs
+    right = np.asarray(scores_margin) >= 0
+    r["correct_epochs"][:] = right * epochs
+    r["last_correct"][:] = right
     return r
 
 
@@ -221,7 +227,8 @@ def test_ties_keep_id_order() -> None:
 @pytest.mark.parametrize(("cut", "expected_flagged"), [(0, 0), (2, 2), (10, 5), (0.3, 2), (0.6, 3), ("auto", 2)])
 def test_cut_variants(cut: object, expected_flagged: int) -> None:
     """Test that int cuts flag the top k (clipped to K), float cuts flag scores below, auto flags AUM < 0."""
-    s = find_label_issues(_flat_records([1.0, -1.0, 2.0, -3.0, 0.0]), cut=cut)  # type: ignore[arg-type]
+    s = find_label_issues(_flat_records([1.0, -1.0, 2.0, -3.0, 0.0], epochs=MIN_EPOCHS), method="aum",
+                          cut=cut)  # type: ignore[arg-type]
     assert s.flagged.sum() == expected_flagged
     assert not np.any(s.flagged[1:] & ~s.flagged[:-1])  # a prefix of the ranking
 
@@ -236,9 +243,10 @@ def test_int_cut_reports_kth_score_and_nan_for_zero() -> None:
 def test_auto_cut_uses_otsu_for_loss() -> None:
     """Test that the loss scorer's automatic cut splits two loss clusters with Otsu's threshold."""
     r = init_records(6)
-    r["seen_epochs"][:] = 1
+    r["seen_epochs"][:] = MIN_EPOCHS
     r["label"][:] = 0
-    r["loss_sum"][:] = [3.0, 0.05, 2.5, 0.1, 0.02, 0.08]
+    r["loss_sum"][:] = np.array([3.0, 0.05, 2.5, 0.1, 0.02, 0.08]) * MIN_EPOCHS
+    r["last_correct"][:] = [0, 1, 0, 1, 1, 1]
     s = find_label_issues(r, method="loss")
     np.testing.assert_array_equal(s.flagged_ids, [0, 2])
     assert s.threshold == pytest.approx(otsu_threshold(s.scores))
@@ -614,7 +622,7 @@ def test_pred_probs_refuse_records_without_class_labels() -> None:
 
 def test_class_view_counts_flagged_examples_by_given_and_suggested_label() -> None:
     """Test the noise matrix, the top pairs and the flagged share per class against hand counts."""
-    s = find_label_issues(_voted_records(), num_classes=3)
+    s = find_label_issues(_voted_records(), num_classes=3, cut=0.5)
     assert s.flagged_ids.tolist() == [1, 0, 3]  # AUM < 0
     view = s.class_view()
     expected = np.zeros((3, 3), int)
@@ -649,3 +657,84 @@ def test_to_pandas_without_pandas_says_how_to_get_it(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` raise ImportError
     with pytest.raises(ImportError, match="pip install pandas"):
         find_label_issues(_voted_records()).to_pandas()
+
+
+# ------------------------------------------------------------------------------- calibrated cut, regions
+def _fitted_records(correct: list[int], margins: list[float], epochs: int = 10,
+                    last: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Records of ``epochs`` epochs with each example's epochs-correct count and mean margin."""
+    r = init_records(len(correct))
+    r["seen_epochs"][:] = epochs
+    r["label"][:] = 0
+    r["correct_epochs"][:] = correct
+    r["margin_sum"][:] = np.asarray(margins) * epochs
+    r["last_correct"][:] = last if last is not None else [int(c > 0) for c in correct]
+    return r
+
+
+def test_default_ranks_by_epochs_correct_then_aum() -> None:
+    """Test that with >= MIN_EPOCHS epochs the default orders by epochs correct, AUM breaking ties, so a
+    memorised example (large AUM, few epochs correct) ranks before a clean one (small AUM, always correct)."""
+    r = _fitted_records([3, 10, 3, 9], [5.0, 0.2, 1.0, 4.0])
+    s = find_label_issues(r, cut=0)
+    assert s.ids.tolist() == [2, 0, 3, 1]
+    assert find_label_issues(r, method="aum", cut=0).ids.tolist() == [1, 2, 3, 0]
+
+
+def test_default_cut_ignores_a_split_between_two_learned_groups() -> None:
+    """Test that a clean run whose examples split into 'right in every epoch' and 'wrong in the first epoch
+    only' (two clear Otsu groups, both learned) flags nothing: the cut moves to Otsu only when the lower group
+    lost on average."""
+    r = _fitted_records([10] * 80 + [9] * 20, [3.0] * 100)
+    s = find_label_issues(r)
+    assert s.abstained is None and not s.flagged.any() and s.noise_rate == 0.0
+
+
+def test_default_cut_moves_to_otsu_for_a_separated_group_that_lost() -> None:
+    """Test that examples right in 1 of 10 epochs and those memorised by mid-run (right in 6 of 10, above the
+    natural zero) both flag when together they form a separated lower group that lost on average."""
+    r = _fitted_records([10] * 80 + [1] * 10 + [6] * 10, [3.0] * 80 + [-1.0] * 10 + [-0.5] * 10)
+    s = find_label_issues(r)
+    assert sorted(s.flagged_ids.tolist()) == list(range(80, 100))
+    assert s.noise_rate == pytest.approx(0.1)  # below the natural zero: the 10 right in 1 of 10 epochs
+    assert s.flagged_share == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(("epochs", "last", "reason"), [
+    (4, None, "the run has 4 epochs; the automatic cut needs at least 5"),
+    (10, [1] * 90 + [0] * 10, "in the last epoch the model was right on 90.0% of the 100 examples the cut keeps"),
+    (10, [0] * 100, "the cut would flag 100.0% of the examples"),
+])
+def test_auto_cut_abstains_on_thin_evidence(epochs: int, last: list[int] | None, reason: str) -> None:
+    """Test that the automatic cut flags nothing and says why for too few epochs or a model that does not fit
+    what it keeps, while an explicit cut still flags."""
+    right = 0 if last == [0] * 100 else epochs
+    r = _fitted_records([right] * 100 + [0] * 5, [2.0 if right else -1.0] * 100 + [-2.0] * 5, epochs=epochs,
+                        last=None if last is None else last + [0] * 5)
+    s = find_label_issues(r)
+    assert not s.flagged.any() and s.abstained is not None and s.abstained.startswith(reason)
+    assert np.isnan(s.noise_rate) and (s.regions != "mislabeled").all()
+    assert find_label_issues(r, cut=5).flagged.sum() == 5
+
+
+def test_regions_follow_dataset_cartography_and_keep_flagged_apart() -> None:
+    """Test the easy / ambiguous / hard regions from confidence and variability, and that flagged examples get
+    ``mislabeled`` instead."""
+    r = _fitted_records([10, 10, 8, 0, 0], [3.0, 3.0, 0.1, -1.0, -3.0])
+    r["confidence_sum"][:] = np.array([0.9, 0.6, 0.5, 0.3, 0.05]) * 10
+    std = np.array([0.05, 0.3, 0.1, 0.05, 0.01])
+    r["confidence_sq_sum"][:] = (np.square(std) + np.square(r["confidence_sum"] / 10)) * 10
+    s = find_label_issues(r, cut=0)
+    assert dict(zip(s.ids.tolist(), s.regions.tolist())) == {0: "easy", 1: "ambiguous", 2: "easy", 3: "hard",
+                                                             4: "hard"}
+    s = find_label_issues(r)
+    assert s.abstained is None and sorted(s.flagged_ids.tolist()) == [3, 4]
+    assert dict(zip(s.ids.tolist(), s.regions.tolist()))[4] == "mislabeled"
+
+
+def test_describe_fills_the_text_column_in_ranking_order() -> None:
+    """Test that ``describe`` gives the ``text`` column, one call per ranked id, and a non-callable is refused."""
+    s = find_label_issues(_fitted_records([10, 0, 10], [2.0, -2.0, 1.0]), describe=lambda i: f"#{i}")
+    assert s.columns["text"].tolist() == [f"#{i}" for i in s.ids.tolist()]
+    with pytest.raises(ValueError, match="`describe` must be a callable"):
+        find_label_issues(_fitted_records([10], [1.0]), describe="text")  # type: ignore[arg-type]
