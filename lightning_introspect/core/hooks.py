@@ -202,9 +202,9 @@ class HookSet:
             elif dead and st.rule.source == "gradient" and out.requires_grad and not is_dtensor(out):  # type: ignore[union-attr]
                 out.register_hook(functools.partial(_grad_hook, st, cfg.max_rows))  # type: ignore[union-attr]
 
-        # Under torch.compile the hook runs eagerly: Dynamo would otherwise trace it and recompile it per layer
-        # name and output shape. The compiled module keeps two cached graphs (with and without hooks), so
-        # attaching hooks on sampled steps only does not recompile it again and again.
+        # Sampled steps run compiled code eagerly (core/compile.py), so this hook normally never meets Dynamo; where
+        # the step itself is being traced and no stance can be set, it still runs eagerly instead of being traced
+        # (and recompiled) per layer name and output shape.
         return torch.compiler.disable(hook)
 
     def __iter__(self) -> Iterator[tuple[str, nn.Module]]:
